@@ -1,0 +1,229 @@
+"""The ``lmpipe`` command line.
+
+Orchestration (Prefect) and tracking (MLflow) are imported inside the commands that need them, after
+the workspace's environment is set, so ``lmpipe --help`` and the library stay light.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from lmpipe.config import ConfigError, PipelineConfig, load_config, preset_names, reference_markdown, to_dict
+from lmpipe.workspace import Workspace, WorkspaceBusy, apply_runtime_environment
+
+WORKSPACE_HELP = "Workspace folder (default: $LMPIPE_WORKSPACE, else ./data/workspace)."
+
+
+def _config_options(fn):
+    fn = click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+                      help="Override one config value (repeatable); the value is parsed as YAML.")(fn)
+    fn = click.option("--config", "config_files", multiple=True, type=click.Path(dir_okay=False),
+                      help="YAML config file applied over the preset (repeatable).")(fn)
+    fn = click.option("--preset", default="tiny", show_default=True, type=click.Choice(preset_names()),
+                      help="Base configuration.")(fn)
+    return fn
+
+
+def _load(preset: str, config_files: tuple[str, ...], overrides: tuple[str, ...]) -> PipelineConfig:
+    try:
+        return load_config(preset, config_files, overrides)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="lmpipe")
+def main() -> None:
+    """Train every generation of language model on one corpus, as one tracked pipeline."""
+
+
+@main.command()
+@_config_options
+@click.option("--workspace", type=click.Path(file_okay=False), help=WORKSPACE_HELP)
+@click.option("--only", multiple=True, metavar="STAGE", help="Run only these stages (repeatable).")
+@click.option("--from", "start", metavar="STAGE", help="First stage to run.")
+@click.option("--to", "stop", metavar="STAGE", help="Last stage to run.")
+@click.option("--force", multiple=True, metavar="STAGE", help="Rerun this stage and its dependants even if cached.")
+@click.option("--wait", type=float, default=0.0, show_default=True,
+              help="Seconds to wait for another run on the same workspace before giving up.")
+def run(preset, config_files, overrides, workspace, only, start, stop, force, wait) -> None:
+    """Run the pipeline (every stage, reusing cached ones)."""
+    cfg = _load(preset, config_files, overrides)
+    ws = Workspace.resolve(workspace)
+    apply_runtime_environment(ws)
+    from flows.pipeline import run_pipeline
+
+    t0 = time.time()
+    try:
+        out = run_pipeline(str(ws.root), config=cfg, only=only, start=start, stop=stop, force=force, wait=wait)
+    except WorkspaceBusy as exc:
+        raise click.ClickException(str(exc)) from exc
+    except (KeyError, ValueError) as exc:
+        raise click.ClickException(str(exc).strip("'\"")) from exc
+    statuses = out.get("_statuses", {})
+    click.echo(f"\npipeline finished in {time.time() - t0:.1f} s (MLflow run {out.get('_run_id')})")
+    for name, status in statuses.items():
+        click.echo(f"  {name:<12} {status:<10} {out[name].get('summary', '')}")
+    click.echo(f"workspace: {ws.root}\nsee results: lmpipe ui --workspace {ws.root}")
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--workspace", type=click.Path(file_okay=False), help=WORKSPACE_HELP)
+@_config_options
+@click.option("--wait", type=float, default=0.0, show_default=True, help="Seconds to wait for the workspace lock.")
+@click.option("--track/--no-track", default=True, show_default=True, help="Record the ingestion as an MLflow run.")
+def ingest(paths, workspace, preset, config_files, overrides, wait, track) -> None:
+    """Ingest files, directories, globs or URIs into the warehouse (idempotent)."""
+    from lmpipe.config import from_dict
+    from lmpipe.corpus import ingest as do_ingest
+    from lmpipe.sources import IngestError
+
+    cfg = _load(preset, config_files, overrides)
+    section = from_dict(type(cfg.ingest), {**to_dict(cfg.ingest), "sources": list(paths)})
+    ws = Workspace.resolve(workspace)
+    apply_runtime_environment(ws)
+    run = None
+    try:
+        with ws.lock(wait, purpose="ingest"):
+            if track:
+                from lmpipe.config import flatten
+                from lmpipe.tracking import Tracker
+
+                tracker = Tracker(ws, cfg.tracking.experiment, cfg.tracking.tracking_uri)
+                run = tracker.start_run("ingest", tags={"lmpipe.stage": "ingest", "lmpipe.kind": "cli"})
+                run.params(flatten(section, prefix="ingest"))
+            report = do_ingest(ws, section, log=run)
+    except (IngestError, WorkspaceBusy) as exc:
+        if run is not None:
+            run.tags({"lmpipe.error": str(exc)[:5000]})
+            run.end("FAILED")
+        raise click.ClickException(str(exc)) from exc
+    if run is not None:
+        run.metrics(report.totals())
+        run.text(report.to_markdown(), "ingest_report.md")
+        run.end()
+    for s in report.sources:
+        detail = "already ingested, nothing added" if s.status == "skipped" else (
+            f"{s.read} read, {s.kept} kept" + "".join(f", {n} {r}" for r, n in sorted(s.dropped.items())))
+        click.echo(f"{s.uri}: {detail}")
+    click.echo(f"{report.added} documents added in {report.seconds:.1f} s; warehouse: "
+               + ", ".join(f"{k} {v}" for k, v in sorted(report.splits.items())))
+
+
+@main.command()
+@click.option("--workspace", type=click.Path(file_okay=False), help=WORKSPACE_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def status(workspace, as_json) -> None:
+    """Show each stage's state: fresh, cached or failed, its last run and headline metrics."""
+    from lmpipe import pipeline
+    from lmpipe.state import load_history, load_stage_state
+
+    ws = Workspace.resolve(workspace)
+    rows = []
+    for stage in pipeline.STAGES:
+        st = load_stage_state(ws, stage.name)
+        if st is None:
+            rows.append({"stage": stage.name, "status": "never run"})
+            continue
+        label = {"completed": "fresh", "reused": "cached", "failed": "failed"}[st.status]
+        res = st.result
+        headline = {k: res.metrics[k] for k in stage.headline if res and k in res.metrics}
+        rows.append({
+            "stage": stage.name, "status": label, "at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st.at)),
+            "mlflow_run": res.run_id if res else None, "metrics": headline, "error": st.error,
+        })
+    if as_json:
+        click.echo(json.dumps({"workspace": str(ws.root), "stages": rows, "runs": load_history(ws)[-5:]}, indent=2))
+        return
+    click.echo(f"workspace {ws.root}")
+    for r in rows:
+        line = f"  {r['stage']:<12} {r['status']:<10}"
+        if "at" in r:
+            line += f" {r['at']}  run {str(r['mlflow_run'])[:12]}"
+            line += "".join(f"  {k}={v:.4g}" for k, v in r["metrics"].items())
+        if r.get("error"):
+            line += f"\n    error: {r['error']}"
+        click.echo(line)
+
+
+@main.command()
+@click.option("--workspace", type=click.Path(file_okay=False), help=WORKSPACE_HELP)
+@click.option("--port", type=int, default=5000, show_default=True)
+@click.option("--prefect", is_flag=True, help="Start the Prefect UI (on the workspace's Prefect database) instead.")
+def ui(workspace, port, prefect) -> None:
+    """Start the MLflow UI (or the Prefect UI) on 127.0.0.1 and print its URL."""
+    ws = Workspace.resolve(workspace)
+    apply_runtime_environment(ws)
+    env = dict(os.environ)
+    if prefect:
+        cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    else:
+        from lmpipe.tracking import resolve_tracking_uri
+
+        uri = resolve_tracking_uri(ws)
+        cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
+               "--port", str(port), "--workers", "1"]
+        if uri == ws.mlflow_uri:
+            cmd += ["--default-artifact-root", ws.mlflow_artifacts.as_uri()]
+        env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    click.echo(f"{'Prefect' if prefect else 'MLflow'} UI for {ws.root}: http://127.0.0.1:{port}  (Ctrl-C to stop)")
+    with contextlib.suppress(KeyboardInterrupt):
+        subprocess.run(cmd, env=env, check=False)
+
+
+@main.group()
+def config() -> None:
+    """Inspect configuration: the resolved values, or the reference of every knob."""
+
+
+@config.command("show")
+@_config_options
+def config_show(preset, config_files, overrides) -> None:
+    """Print the resolved configuration as YAML."""
+    import yaml
+
+    click.echo(yaml.safe_dump(to_dict(_load(preset, config_files, overrides)), sort_keys=False, allow_unicode=True))
+
+
+@config.command("reference")
+@click.option("--update", type=click.Path(exists=True, dir_okay=False), metavar="README",
+              help="Rewrite the reference block of this Markdown file instead of printing.")
+def config_reference(update) -> None:
+    """Print the configuration reference (Markdown) generated from the field descriptions."""
+    if not update:
+        click.echo(reference_markdown())
+        return
+    start, end = "<!-- config-reference:start -->\n", "<!-- config-reference:end -->"
+    text = Path(update).read_text(encoding="utf-8")
+    if start not in text or end not in text:
+        raise click.ClickException(f"{update} has no {start.strip()} ... {end} block")
+    head, rest = text.split(start, 1)
+    Path(update).write_text(head + start + reference_markdown() + "\n" + end + rest.split(end, 1)[1], encoding="utf-8")
+    click.echo(f"updated the configuration reference in {update}")
+
+
+@main.command()
+@click.option("--workspace", type=click.Path(file_okay=False), help=WORKSPACE_HELP)
+@click.confirmation_option(prompt="Delete the workspace's warehouse, artifacts, runs and caches?")
+def clean(workspace) -> None:
+    """Delete a workspace (all its state)."""
+    ws = Workspace.resolve(workspace)
+    with ws.lock(0, purpose="clean"):
+        for child in ws.root.iterdir():
+            if child.name != ".lock":
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+    click.echo(f"emptied {ws.root}")
+
+
+if __name__ == "__main__":
+    main()

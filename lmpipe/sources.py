@@ -1,0 +1,552 @@
+"""Find corpus sources and read their documents.
+
+`resolve_sources` turns user specs (files, directories, globs, remote URIs) into `Source` records,
+`read_documents` yields the documents of one source with the line or row number each came from, and
+`source_digest` fingerprints a source so that re-ingesting an unchanged file can be detected.
+
+Local text, JSONL and JSON files are decoded in Python (strict UTF-8, precise line numbers); Parquet, CSV
+and every remote source are read through a fresh in-memory DuckDB connection.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import hashlib
+import io
+import json
+import os
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import BinaryIO
+from urllib.parse import urlsplit
+
+import duckdb
+import zstandard
+
+FORMATS = ("text", "jsonl", "json", "parquet", "csv")
+COMPRESSIONS = (None, "gzip", "zstd")
+REMOTE_SCHEMES = ("http://", "https://", "s3://", "gs://", "hf://")
+UNITS = ("line", "paragraph")
+
+_SUFFIX_FORMATS = {
+    ".txt": "text",
+    ".md": "text",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".parquet": "parquet",
+    ".csv": "csv",
+}
+_SUFFIX_COMPRESSIONS = {".gz": "gzip", ".zst": "zstd"}
+_SUPPORTED = ", ".join(_SUFFIX_FORMATS) + " (optionally followed by .gz or .zst, except .parquet)"
+
+_BLOCK_BYTES = 4 << 20  # large reads amortise the codec and decode calls; lines are split per block
+_DIGEST_BLOCK = 1 << 20
+_BATCH_ROWS = 10_000
+_MAX_KEYS = 20  # keys listed in an error message
+_BOM = "\ufeff"
+_DECOMPRESS_ERRORS = (OSError, EOFError, zlib.error, zstandard.ZstdError)
+
+
+class IngestError(ValueError):
+    """A source that cannot be read: `path`, the 1-based `line` when the format has lines, and a `reason`.
+
+    `line` is set for line-oriented input (text, local JSONL, JSON syntax errors); records of JSON arrays and
+    rows of Parquet/CSV/remote data are named inside `reason` ("record 3: ...", "row 7: ...") instead.
+    """
+
+    def __init__(self, path: str, line: int | None, reason: str) -> None:
+        self.path = path
+        self.line = line
+        self.reason = reason
+        where = f"{path}:{line}" if line is not None else path
+        super().__init__(f"{where}: {reason}")
+
+    def __reduce__(self) -> tuple[type[IngestError], tuple[str, int | None, str]]:
+        # The default pickling would call __init__ with the formatted message only (worker processes need this).
+        return (type(self), (self.path, self.line, self.reason))
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input: `uri` is an absolute path for local files, the URI itself for remote ones."""
+
+    uri: str
+    format: str
+    compression: str | None
+    remote: bool
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}, not {self.format!r}")
+        if self.compression not in COMPRESSIONS:
+            raise ValueError(f"compression must be one of {COMPRESSIONS}, not {self.compression!r}")
+
+
+# ---------------------------------------------------------------------------------------------- resolving
+
+
+def classify(name: str) -> tuple[str, str | None] | None:
+    """Return (format, compression) for a file name or URL path by its suffix, or None if unsupported."""
+    lower = name.lower()
+    compression = None
+    for suffix, codec in _SUFFIX_COMPRESSIONS.items():
+        if lower.endswith(suffix):
+            lower, compression = lower[: -len(suffix)], codec
+            break
+    fmt = _SUFFIX_FORMATS.get(os.path.splitext(lower)[1])
+    # Parquet compresses its pages internally; DuckDB cannot read a gzipped or zstd-wrapped Parquet file.
+    if fmt is None or (fmt == "parquet" and compression is not None):
+        return None
+    return fmt, compression
+
+
+def resolve_sources(specs: Sequence[str]) -> list[Source]:
+    """Expand files, directories (recursive), globs and remote URIs into sources, deduplicated in order."""
+    if isinstance(specs, str):
+        raise TypeError("specs must be a sequence of strings, not a single string")
+    found: dict[str, Source] = {}
+    for spec in specs:
+        for source in _resolve_one(spec):
+            found.setdefault(source.uri, source)
+    return list(found.values())
+
+
+def _resolve_one(spec: str) -> list[Source]:
+    if spec.startswith(REMOTE_SCHEMES):
+        return [_remote_source(spec)]
+    path = os.path.expanduser(spec)
+    if os.path.isdir(path):
+        return _directory_sources(path)
+    if os.path.exists(path):
+        return [_file_source(path)]
+    if any(ch in path for ch in "*?["):
+        return _glob_sources(path)
+    raise IngestError(spec, None, "no such file or directory")
+
+
+def _remote_source(uri: str) -> Source:
+    classified = classify(urlsplit(uri).path)  # the URL path drops ?query and #fragment
+    if classified is None:
+        raise IngestError(uri, None, f"unsupported suffix; supported: {_SUPPORTED}")
+    return Source(uri, classified[0], classified[1], remote=True)
+
+
+def _file_source(path: str) -> Source:
+    classified = classify(os.path.basename(path))
+    if classified is None:
+        raise IngestError(path, None, f"unsupported suffix; supported: {_SUPPORTED}")
+    return Source(os.path.abspath(path), classified[0], classified[1], remote=False)
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def _walk_error(error: OSError) -> None:
+    # os.walk skips unreadable directories by default, which would silently drop part of a corpus.
+    raise IngestError(error.filename or "?", None, f"cannot list directory: {error.strerror}")
+
+
+def _supported_files(directory: str) -> list[str]:
+    paths = []
+    for root, dirs, files in os.walk(directory, onerror=_walk_error):
+        dirs[:] = [d for d in dirs if not _is_hidden(d)]
+        paths.extend(os.path.join(root, f) for f in files if not _is_hidden(f) and classify(f) is not None)
+    return sorted(paths)
+
+
+def _directory_sources(directory: str) -> list[Source]:
+    paths = _supported_files(directory)
+    if not paths:
+        reason = f"directory has no supported files; supported: {_SUPPORTED}"
+        raise IngestError(os.path.abspath(directory), None, reason)
+    return [_file_source(p) for p in paths]
+
+
+def _glob_sources(pattern: str) -> list[Source]:
+    # glob skips hidden names for wildcard components by default; "**" recurses.
+    matches = sorted(glob.glob(pattern, recursive=True))
+    if not matches:
+        raise IngestError(pattern, None, "glob matched nothing")
+    paths: list[str] = []
+    for match in matches:
+        if os.path.isdir(match):
+            paths.extend(_supported_files(match))
+        elif classify(os.path.basename(match)) is not None:
+            paths.append(match)
+    if not paths:
+        reason = f"glob matched {len(matches)} paths but no supported files; supported: {_SUPPORTED}"
+        raise IngestError(pattern, None, reason)
+    return [_file_source(p) for p in paths]
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def read_documents(source: Source, unit: str = "line", text_field: str = "text") -> Iterator[tuple[int, str]]:
+    """Yield (number, text) for each document of `source`; raise IngestError on bad input.
+
+    The number is the 1-based line for local text and JSONL (the first line of a paragraph), the 1-based
+    record index for JSON, and the 1-based row for Parquet, CSV and remote JSON/JSONL. `unit` ("line" or
+    "paragraph", paragraphs being separated by blank lines) applies to text sources only; `text_field` names
+    the field or column holding the text in the other formats. A source with no documents is an error.
+    """
+    if unit not in UNITS:
+        raise ValueError(f"unit must be one of {UNITS}, not {unit!r}")
+    if source.remote or source.format in ("parquet", "csv"):
+        documents = _duckdb_documents(source.uri, source.format, source.compression, unit, text_field)
+    else:
+        documents = _local_documents(source, unit, text_field)
+    return _require_documents(source, documents)
+
+
+def _require_documents(source: Source, documents: Iterator[tuple[int, str]]) -> Iterator[tuple[int, str]]:
+    if not source.remote and _local_size(source.uri) == 0:
+        raise IngestError(source.uri, None, "empty file")
+    empty = True
+    for document in documents:
+        empty = False
+        yield document
+    if empty:
+        raise IngestError(source.uri, None, "empty file: no documents")
+
+
+def _local_size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError as error:
+        raise IngestError(path, None, f"cannot open: {error.strerror}") from error
+
+
+def _local_documents(source: Source, unit: str, text_field: str) -> Iterator[tuple[int, str]]:
+    try:
+        raw = open(source.uri, "rb")  # noqa: SIM115 - closed by the with statement below
+    except OSError as error:
+        raise IngestError(source.uri, None, f"cannot open: {error.strerror}") from error
+    # GzipFile does not close a file object it was given, hence both in the with statement.
+    with raw, _decompressed(raw, source.compression) as stream:
+        yield from _stream_documents(stream, source, unit, text_field)
+
+
+def _decompressed(raw: BinaryIO, compression: str | None) -> BinaryIO:
+    if compression == "gzip":
+        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
+    if compression == "zstd":
+        # Files written by parallel or streaming compressors often hold several frames.
+        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=True)
+    return raw
+
+
+def _stream_documents(stream: BinaryIO, source: Source, unit: str, text_field: str) -> Iterator[tuple[int, str]]:
+    path = source.uri
+    if source.format == "text":
+        lines = _iter_lines(stream, path)
+        return _paragraphs(lines) if unit == "paragraph" else _nonblank_lines(lines)
+    if source.format == "jsonl":
+        return _jsonl_documents(_iter_lines(stream, path), path, text_field)
+    if source.format == "json":
+        return _json_documents(_read_all(stream, path), path, text_field)
+    raise ValueError(f"format {source.format!r} is read through DuckDB")
+
+
+def _read_block(stream: BinaryIO, path: str, size: int) -> bytes:
+    try:
+        return stream.read(size)
+    except _DECOMPRESS_ERRORS as error:
+        raise IngestError(path, None, f"cannot read or decompress: {error}") from error
+
+
+def _decode(data: bytes, path: str, first_line: int, offset: int) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = first_line + data.count(b"\n", 0, error.start)
+        bad = data[error.start : error.start + 1].hex()
+        reason = f"invalid UTF-8 (byte 0x{bad} at offset {offset + error.start})"
+        raise IngestError(path, line, reason) from None
+
+
+def _iter_lines(stream: BinaryIO, path: str) -> Iterator[tuple[int, list[str]]]:
+    """Yield (number of the first line, lines) per block; each block ends at a newline so no line is cut."""
+    line, offset, pending = 1, 0, []
+    while chunk := _read_block(stream, path, _BLOCK_BYTES):
+        cut = chunk.rfind(b"\n") + 1  # "\n" never occurs inside a UTF-8 multi-byte sequence
+        if not cut:
+            pending.append(chunk)  # a line longer than a block: join once its end arrives
+            continue
+        block = b"".join([*pending, chunk[:cut]])
+        pending = [chunk[cut:]]
+        yield line, _split_lines(_decode(block, path, line, offset), line == 1)
+        line, offset = line + block.count(b"\n"), offset + len(block)
+    if tail := b"".join(pending):
+        yield line, _split_lines(_decode(tail, path, line, offset), line == 1)
+
+
+def _split_lines(text: str, at_start: bool) -> list[str]:
+    if at_start and text.startswith(_BOM):
+        text = text[1:]
+    text = text.replace("\r\n", "\n")  # a lone "\r" stays inside its line; clean.normalize turns it into "\n"
+    lines = text.split("\n")
+    if text.endswith("\n"):
+        lines.pop()  # the empty string after the final newline is not a line
+    return lines
+
+
+def _nonblank_lines(batches: Iterator[tuple[int, list[str]]]) -> Iterator[tuple[int, str]]:
+    for first, lines in batches:
+        for number, line in enumerate(lines, first):
+            if line and not line.isspace():
+                yield number, line
+
+
+def _paragraphs(batches: Iterator[tuple[int, list[str]]]) -> Iterator[tuple[int, str]]:
+    start, current = 0, []
+    for first, lines in batches:
+        for number, line in enumerate(lines, first):
+            if line and not line.isspace():
+                if not current:
+                    start = number
+                current.append(line)
+            elif current:
+                yield start, "\n".join(current)
+                current = []
+    if current:
+        yield start, "\n".join(current)
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    names = {str: "string", list: "array", dict: "object"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _keys(record: dict) -> str:
+    keys = [repr(k) for k in list(record)[:_MAX_KEYS]]
+    more = ", ..." if len(record) > _MAX_KEYS else ""
+    return f"keys: {', '.join(keys)}{more}" if keys else "no keys"
+
+
+def _field_problem(record: object, field: str) -> str | None:
+    """Return why `record[field]` is not usable text, or None when it is."""
+    if not isinstance(record, dict):
+        return f"expected a JSON object, got {_json_type(record)}"
+    if field not in record:
+        return f"missing field {field!r} ({_keys(record)})"
+    if not isinstance(record[field], str):
+        return f"field {field!r} is {_json_type(record[field])}, not a string ({_keys(record)})"
+    return None
+
+
+_raw_decode = json.JSONDecoder().raw_decode
+
+
+def _parse_json_line(line: str) -> object:
+    # raw_decode skips the two whitespace regex matches json.loads makes around every document (a third of
+    # the parse time for short records); anything unusual goes through json.loads for its exact verdict.
+    try:
+        value, end = _raw_decode(line)
+    except json.JSONDecodeError:
+        return json.loads(line)
+    return value if end == len(line) else json.loads(line)
+
+
+def _jsonl_documents(batches: Iterator[tuple[int, list[str]]], path: str, field: str) -> Iterator[tuple[int, str]]:
+    for first, lines in batches:
+        for number, line in enumerate(lines, first):
+            if not line or line.isspace():
+                continue
+            try:
+                record = _parse_json_line(line)
+            except json.JSONDecodeError as error:
+                raise IngestError(path, number, f"malformed JSON: {error.msg} (column {error.colno})") from None
+            problem = _field_problem(record, field)
+            if problem is not None:
+                raise IngestError(path, number, problem)
+            yield number, record[field]
+
+
+def _read_all(stream: BinaryIO, path: str) -> str:
+    text = _decode(_read_block(stream, path, -1), path, 1, 0)
+    return text[1:] if text.startswith(_BOM) else text
+
+
+def _json_records(document: object, path: str) -> list:
+    """The records of a JSON file: a top-level array, or the one list-valued member of a top-level object."""
+    if isinstance(document, list):
+        return document
+    if isinstance(document, dict):
+        lists = [value for value in document.values() if isinstance(value, list)]
+        if len(lists) == 1:
+            return lists[0]
+        shape = f"an object with {len(lists)} list-valued keys ({_keys(document)})"
+    else:
+        shape = _json_type(document)
+    raise IngestError(path, None, f"expected an array of objects or an object with one list-valued key, got {shape}")
+
+
+def _json_documents(text: str, path: str, field: str) -> Iterator[tuple[int, str]]:
+    if not text.strip():
+        raise IngestError(path, None, "empty file")
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise IngestError(path, error.lineno, f"malformed JSON: {error.msg} (column {error.colno})") from None
+    for number, record in enumerate(_json_records(document, path), 1):
+        problem = _field_problem(record, field)
+        if problem is not None:
+            raise IngestError(path, None, f"record {number}: {problem}")
+        yield number, record[field]
+
+
+# ---------------------------------------------------------------------------------------------- DuckDB
+
+
+def _quote(identifier: str) -> str:
+    return '"' + identifier.replace('"', '""') + '"'
+
+
+def _table_function(fmt: str, compression: str | None, json_layout: str = "array") -> str:
+    """The DuckDB table function reading `fmt`; the location is bound as the `?` parameter."""
+    codec = compression or "none"  # explicit, because remote URLs with a ?query defeat suffix detection
+    if fmt == "parquet":
+        return "read_parquet(?)"
+    if fmt == "csv":
+        # all_varchar keeps numeric-looking text as written instead of letting type sniffing reject or reformat it
+        return f"read_csv(?, header = true, all_varchar = true, compression = '{codec}')"
+    if fmt == "jsonl":
+        return f"read_json(?, format = 'newline_delimited', records = true, compression = '{codec}')"
+    if fmt == "json":
+        return f"read_json(?, format = '{json_layout}', records = true, compression = '{codec}')"
+    raise ValueError(f"no DuckDB table function for format {fmt!r}")
+
+
+def _duckdb_documents(
+    location: str, fmt: str, compression: str | None, unit: str, field: str
+) -> Iterator[tuple[int, str]]:
+    """Read any DuckDB-readable location (local path or remote URI) with DuckDB's own readers."""
+    try:
+        with duckdb.connect(":memory:") as con:
+            if fmt == "text":
+                stream = _decompressed(io.BytesIO(_fetch_blob(con, location)), compression)
+                yield from _stream_documents(stream, Source(location, fmt, compression, True), unit, field)
+            else:
+                yield from _column_documents(con, _relation(con, location, fmt, compression), location, field)
+    except duckdb.Error as error:
+        reason = str(error).strip().splitlines()[0]
+        raise IngestError(location, None, f"cannot read as {fmt}: {reason}") from error
+
+
+def _fetch_blob(con: duckdb.DuckDBPyConnection, location: str) -> bytes:
+    # read_blob rather than read_text: it passes compressed bytes through and lets invalid UTF-8 be reported
+    # with its line number by the same decoder as local files.
+    row = con.execute("SELECT content FROM read_blob(?)", [location]).fetchone()
+    if row is None:  # read_blob treats its argument as a pattern; no match is no row rather than an error
+        raise IngestError(location, None, "no such file or object")
+    if not row[0]:
+        raise IngestError(location, None, "empty file")
+    return bytes(row[0])
+
+
+def _relation(con: duckdb.DuckDBPyConnection, location: str, fmt: str, compression: str | None) -> str:
+    """A FROM-clause source for the records of `location`, with one `?` parameter for the location."""
+    function = _table_function(fmt, compression)
+    if fmt != "json":
+        return function
+    try:
+        con.execute(f"DESCRIBE SELECT * FROM {function}", [location]).fetchall()
+        return function
+    except duckdb.InvalidInputException:
+        pass  # not a top-level array: try an object wrapping one list of records
+    wrapper = _table_function(fmt, compression, json_layout="unstructured")
+    types = _column_types(con, wrapper, location)
+    lists = [name for name, kind in types.items() if kind.startswith("STRUCT(") and kind.endswith(")[]")]
+    if len(lists) != 1:
+        keys = ", ".join(repr(k) for k in types)
+        reason = f"expected an array of objects or an object with one list of objects, got keys: {keys}"
+        raise IngestError(location, None, reason)
+    return f"(SELECT record.* FROM (SELECT unnest({_quote(lists[0])}) AS record FROM {wrapper}))"
+
+
+def _column_types(con: duckdb.DuckDBPyConnection, relation: str, location: str) -> dict[str, str]:
+    rows = con.execute(f"DESCRIBE SELECT * FROM {relation}", [location]).fetchall()
+    return {row[0]: row[1] for row in rows}
+
+
+def _column_documents(
+    con: duckdb.DuckDBPyConnection, relation: str, location: str, field: str
+) -> Iterator[tuple[int, str]]:
+    """Stream `field` of `relation` in batches, checking that every value is a non-NULL string."""
+    types = _column_types(con, relation, location)
+    if field not in types:
+        columns = ", ".join(repr(name) for name in types)
+        raise IngestError(location, None, f"missing column {field!r}; columns: {columns}")
+    kind = types[field]
+    if kind == "VARCHAR":
+        select = _quote(field)
+    elif kind == "JSON":  # read_json's type for a field whose values mix strings and other JSON types
+        select = f"{_quote(field)} ->> '$', json_type({_quote(field)})"
+    else:
+        raise IngestError(location, None, f"column {field!r} has type {kind}, not text")
+    cursor = con.execute(f"SELECT {select} FROM {relation}", [location])
+    done = 0
+    while rows := cursor.fetchmany(_BATCH_ROWS):
+        texts = [row[0] for row in rows]
+        _check_batch(rows, texts, done, location, field)
+        yield from enumerate(texts, done + 1)
+        done += len(texts)
+
+
+def _check_batch(rows: list[tuple], texts: list[str | None], done: int, location: str, field: str) -> None:
+    """Reject NULLs, and for JSON-typed columns any value that is not a JSON string; `done` rows came before."""
+    if None in texts:
+        raise IngestError(location, None, f"row {done + texts.index(None) + 1}: {field!r} is NULL or missing")
+    if len(rows[0]) == 1:
+        return
+    for number, row in enumerate(rows, done + 1):
+        if row[1] != "VARCHAR":
+            raise IngestError(location, None, f"row {number}: {field!r} is JSON {row[1].lower()}, not a string")
+
+
+# ---------------------------------------------------------------------------------------------- digest
+
+
+def source_digest(source: Source) -> tuple[str, int]:
+    """Return (sha256 hex, size in bytes) identifying the stored bytes of `source`.
+
+    Local files: the hash of the raw bytes as stored (still compressed), read in 1 MiB blocks. Remote
+    sources: no content is downloaded; the hash covers the URI, size and last-modified time that DuckDB's
+    read_blob reports, so a remote change that keeps both size and timestamp goes unnoticed.
+    """
+    if source.remote:
+        return _remote_digest(source.uri)
+    digest, size = hashlib.sha256(), 0
+    try:
+        with open(source.uri, "rb") as handle:
+            while block := handle.read(_DIGEST_BLOCK):
+                digest.update(block)
+                size += len(block)
+    except OSError as error:
+        raise IngestError(source.uri, None, f"cannot open: {error.strerror}") from error
+    return digest.hexdigest(), size
+
+
+def _remote_digest(uri: str) -> tuple[str, int]:
+    try:
+        with duckdb.connect(":memory:") as con:
+            row = con.execute("SELECT size, last_modified FROM read_blob(?)", [uri]).fetchone()
+    except duckdb.Error as error:
+        raise IngestError(uri, None, f"cannot stat: {str(error).strip().splitlines()[0]}") from error
+    if row is None:
+        raise IngestError(uri, None, "no such object")
+    size, modified = int(row[0]), row[1]
+    stamp = modified.isoformat() if modified is not None else ""
+    return hashlib.sha256(f"{uri}\n{size}\n{stamp}".encode()).hexdigest(), size
+

@@ -1,0 +1,146 @@
+"""The stage interface shared by every step of the pipeline.
+
+A stage is a pure function ``run(ctx) -> StageOutput``: it reads its config section and the results of
+the stages it depends on from the :class:`StageContext`, reports metrics through ``ctx.log`` and writes
+files under ``ctx.out_dir``. The orchestration layer wraps it in a Prefect task and an MLflow run.
+
+A stage's cache key hashes (stage name, its config section, the fingerprints of its inputs, the source
+of the modules that implement it, and any external input it declares). The key decides whether a
+cached result can be reused; the result's own ``fingerprint`` describes the data it produced, so a
+stage that reruns and produces identical data leaves its dependants cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from lmpipe import __version__
+from lmpipe.config import PipelineConfig, fingerprint_data
+from lmpipe.workspace import Workspace
+
+
+class Logger(Protocol):
+    """The metrics callback a stage reports through (MLflow in the pipeline, nothing in plain library use)."""
+
+    def metrics(self, values: Mapping[str, float], step: int | None = None) -> None: ...
+    def params(self, values: Mapping[str, Any]) -> None: ...
+    def tags(self, values: Mapping[str, str]) -> None: ...
+    def artifact(self, path: Path, subdir: str | None = None) -> None: ...
+    def text(self, text: str, name: str) -> None: ...
+
+
+class NullLogger:
+    """A logger that records nothing, so "no tracking" needs no ``if`` in stage code."""
+
+    def metrics(self, values: Mapping[str, float], step: int | None = None) -> None:
+        pass
+
+    def params(self, values: Mapping[str, Any]) -> None:
+        pass
+
+    def tags(self, values: Mapping[str, str]) -> None:
+        pass
+
+    def artifact(self, path: Path, subdir: str | None = None) -> None:
+        pass
+
+    def text(self, text: str, name: str) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class StageOutput:
+    """What a stage function returns: a fingerprint of its data, its files and its headline metrics."""
+
+    fingerprint: str
+    outputs: dict[str, str] = field(default_factory=dict)  # name -> path relative to the workspace
+    metrics: dict[str, float] = field(default_factory=dict)
+    summary: str = ""
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """A stage's output plus where it came from; JSON round-trippable (stored by the cache)."""
+
+    stage: str
+    cache_key: str
+    fingerprint: str
+    outputs: dict[str, str]
+    metrics: dict[str, float]
+    summary: str = ""
+    run_id: str | None = None  # MLflow run that produced it
+    finished_at: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> StageResult:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+@dataclass(frozen=True)
+class StageContext:
+    workspace: Workspace
+    config: PipelineConfig
+    inputs: Mapping[str, StageResult]
+    out_dir: Path
+    log: Logger = field(default_factory=NullLogger)
+    progress: bool = True
+
+    def section(self, name: str) -> Any:
+        return getattr(self.config, name)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the pipeline.
+
+    ``section`` names the config section; ``deps`` the upstream stages whose results it reads; ``code``
+    the modules whose source is part of the cache key; ``external`` an optional function returning a
+    JSON-able description of inputs outside the workspace (e.g. source files' sizes and times);
+    ``valid`` an optional check that a cached result still matches the workspace (outputs not deleted).
+    """
+
+    name: str
+    section: str
+    deps: tuple[str, ...]
+    run: Callable[[StageContext], StageOutput]
+    code: tuple[str, ...]
+    headline: tuple[str, ...] = ()
+    external: Callable[[Workspace, PipelineConfig], Any] | None = None
+    valid: Callable[[Workspace, StageResult], bool] | None = None
+
+    def cache_key(self, ws: Workspace, cfg: PipelineConfig, inputs: Mapping[str, StageResult]) -> str:
+        parts = {
+            "stage": self.name,
+            "config": json.loads(fingerprint_data(getattr(cfg, self.section))),
+            "inputs": {d: inputs[d].fingerprint for d in self.deps},
+            "code": code_version(self.code),
+            "external": self.external(ws, cfg) if self.external else None,
+        }
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+    def is_valid(self, ws: Workspace, result: StageResult) -> bool:
+        """Outputs that a cached result names must still exist (and pass the stage's own check)."""
+        if any(not ws.abs(p).exists() for p in result.outputs.values()):
+            return False
+        return self.valid(ws, result) if self.valid else True
+
+
+def code_version(modules: tuple[str, ...]) -> str:
+    """Hash of the package version and the source files of ``modules``."""
+    h = hashlib.sha256(__version__.encode())
+    for name in sorted(modules):
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None:
+            raise ImportError(f"stage code module {name} not found")
+        h.update(name.encode())
+        h.update(Path(spec.origin).read_bytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,45 @@
+"""Hermetic test setup: a temporary Prefect home, MLflow store and workspace for every session/test.
+
+The environment is set before anything imports Prefect or MLflow, so the user's real servers, stores
+and workspaces are never touched.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_SESSION_TMP = Path(tempfile.mkdtemp(prefix="lmpipe-tests-"))
+for var in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "LMPIPE_WORKSPACE", "PREFECT_PROFILES_PATH"):
+    os.environ.pop(var, None)
+os.environ.update({
+    "PREFECT_HOME": str(_SESSION_TMP / "prefect-home"),
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_LOGGING_LEVEL": "WARNING",
+    "DO_NOT_TRACK": "true",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+    "GIT_PYTHON_REFRESH": "quiet",
+    "TQDM_DISABLE": "1",
+})
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One Prefect test server for the whole session (starting one costs seconds)."""
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}), prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    from lmpipe.workspace import Workspace
+
+    return Workspace.resolve(tmp_path / "ws")
