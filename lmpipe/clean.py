@@ -18,20 +18,21 @@ from dataclasses import dataclass
 from typing import Protocol
 
 _LINE_BREAKS = "\x85\u2028\u2029"  # NEL, LINE SEPARATOR, PARAGRAPH SEPARATOR: become "\n" so words stay apart
-_SPACES = "\t\x0b\x0c\u00a0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u202f\u205f\u3000"
+_SPACES = "\t\x0b\x0c\u00a0\u1680\u202f\u205f\u3000" + "".join(map(chr, range(0x2000, 0x200B)))
 # Invisible format characters that make equal-looking text compare unequal: soft hyphen, zero-width space,
 # word joiner, BOM. ZWJ (U+200D) stays because emoji sequences need it, ZWNJ (U+200C) because Persian and
 # Indic spelling does.
 _INVISIBLE = "\u00ad\u200b\u2060\ufeff"
 
 _TRANSLATION: dict[int, str | None] = {
-    **{code: None for code in [*range(1, 0x20), *range(0x7F, 0xA0)]},  # control characters (Cc) ...
-    **{ord(ch): " " for ch in _SPACES},  # ... except "\t", "\v", "\f", which are spaces,
-    **{ord(ch): "\n" for ch in "\r" + _LINE_BREAKS},  # and the line breaks
+    # Control characters (Cc) except NUL, which normalize removes up front because normalize_many uses it.
+    **{code: None for code in [*range(1, 0x20), *range(0x7F, 0xA0)]},
+    **{ord(ch): " " for ch in _SPACES},  # "\t", "\v" and "\f" are spaces rather than controls here,
+    **{ord(ch): "\n" for ch in "\r" + _LINE_BREAKS},  # "\r" and NEL line breaks
     **{ord(ch): None for ch in _INVISIBLE},
     **{code: None for code in range(0xD800, 0xE000)},  # lone surrogates (from JSON escapes) cannot be encoded
 }
-del _TRANSLATION[ord("\n")]  # NUL is removed up front by normalize: it separates texts in normalize_many
+del _TRANSLATION[ord("\n")]
 
 
 def _needs_work(ch: str) -> bool:

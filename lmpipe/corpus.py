@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
+import os
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,7 +30,7 @@ from tqdm.auto import tqdm
 from lmpipe import minhash, plots, warehouse
 from lmpipe.clean import LengthFilter, apply_filters, normalize_many
 from lmpipe.config import IngestConfig, PipelineConfig
-from lmpipe.sources import IngestError, Source, read_documents, resolve_sources, source_digest
+from lmpipe.sources import IngestError, Source, read_batches, resolve_sources, source_digest
 from lmpipe.stage import Logger, NullLogger, StageContext, StageOutput, StageResult
 from lmpipe.stdlib_docs import DocObject, harvest, python_fingerprint
 from lmpipe.workspace import Workspace
@@ -97,20 +100,31 @@ class IngestReport:
 
 
 # ----------------------------------------------------------------------------------------------
-# reading
+# reading and preparing (before any write)
+
+CHUNK_DOCS = 20_000  # documents per cleaning job
+PARALLEL_MIN_DOCS = 50_000  # below this, a worker pool costs more than it saves
 
 
-@dataclass(frozen=True)
-class RawSource:
-    """A source's identity and its documents, fully read and validated (nothing written yet)."""
+COLUMNS = {"line": pa.int32(), "text": pa.string(), "hash": pa.string(), "object": pa.string()}
+
+
+@dataclass
+class Prepared:
+    """A source's documents after cleaning, length filters and in-source exact dedup (nothing written yet).
+
+    ``table`` has the columns of :data:`COLUMNS`: the source line, the normalised text, its md5 and, for the
+    built-in corpus, the stdlib object it documents.
+    """
 
     uri: str
     sha256: str
     bytes: int
     format: str
-    lines: list[int]
-    texts: list[str]
-    objects: list[DocObject] | None = None
+    read: int = 0
+    table: pa.Table = field(default_factory=lambda: pa.schema(COLUMNS).empty_table())
+    dropped: Counter = field(default_factory=Counter)
+    stdlib: list[DocObject] | None = None
 
 
 def builtin_uri(modules: Sequence[str] = ()) -> str:
@@ -118,23 +132,100 @@ def builtin_uri(modules: Sequence[str] = ()) -> str:
     return f"{BUILTIN_PREFIX}/{python_fingerprint()}/{scope}"
 
 
-def read_builtin(modules: Sequence[str] = ()) -> RawSource:
+def text_hash(normalized: str) -> str:
+    """md5 of a normalised text: the exact-dedup key and the seed of its split."""
+    return hashlib.md5(normalized.encode("utf-8")).hexdigest()
+
+
+def clean_chunk(
+    lines: list[int], texts: list[str], objects: list[str | None] | None, min_chars: int, max_chars: int
+) -> tuple[pa.Table, list[str], Counter]:
+    """Normalise, length-filter and hash one chunk: (kept rows as a table, their hashes, drop counts).
+
+    Module-level so that worker processes can run it; building the Arrow columns here keeps that cost
+    off the reading process too.
+    """
+    cleaned = normalize_many(texts)
+    keep, dropped = apply_filters(cleaned, [LengthFilter(min_chars=max(min_chars, 1), max_chars=max_chars)])
+    kept = [cleaned[i] for i in keep]
+    hashes = [text_hash(t) for t in kept]
+    table = pa.table({
+        "line": pa.array([lines[i] for i in keep], pa.int32()),
+        "text": pa.array(kept, pa.string()),
+        "hash": pa.array(hashes, pa.string()),
+        "object": pa.array([objects[i] for i in keep] if objects else [None] * len(keep), pa.string()),
+    })
+    return table, hashes, dropped
+
+
+class _Collector:
+    """Gathers cleaned chunks in order, dropping exact duplicates within the source (first one wins)."""
+
+    def __init__(self, prep: Prepared):
+        self.prep, self.seen, self.parts = prep, set(), [prep.table]
+
+    def add(self, n_read: int, result: tuple[pa.Table, list[str], Counter]) -> None:
+        table, hashes, dropped = result
+        self.prep.read += n_read
+        self.prep.dropped.update(dropped)
+        seen = self.seen
+        mask = [h not in seen and not seen.add(h) for h in hashes]  # set.add returns None
+        n_dup = len(mask) - sum(mask)
+        if n_dup:
+            self.prep.dropped["exact_duplicate"] += n_dup
+            table = table.filter(pa.array(mask))
+        self.parts.append(table)
+
+    def finish(self) -> Prepared:
+        self.prep.table = pa.concat_tables(self.parts).combine_chunks()
+        return self.prep
+
+
+def prepare(chunks: Iterable[tuple[list[int], list[str]]], prep: Prepared, cfg: IngestConfig,
+            workers: int | None = None, objects: list[str | None] | None = None, expected: int = 0) -> Prepared:
+    """Clean batches of (line numbers, texts) into ``prep``, in worker processes when there are many."""
+    workers = workers if workers is not None else (os.cpu_count() or 1)
+    out = _Collector(prep)
+    if workers < 2 or (expected and expected < PARALLEL_MIN_DOCS) or objects is not None:
+        done = 0
+        for lines, texts in chunks:
+            part = None if objects is None else objects[done:done + len(texts)]
+            out.add(len(texts), clean_chunk(lines, texts, part, cfg.min_chars, cfg.max_chars))
+            done += len(texts)
+        return out.finish()
+    # fork: workers start at once and need no importable __main__; the caller holds no DuckDB connection now
+    ctx = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        pending: deque = deque()
+        for lines, texts in chunks:  # reading overlaps with cleaning; at most 2 jobs per worker in flight
+            pending.append((len(texts), pool.submit(clean_chunk, lines, texts, None, cfg.min_chars, cfg.max_chars)))
+            while len(pending) > 2 * workers:
+                n, fut = pending.popleft()
+                out.add(n, fut.result())
+        while pending:
+            n, fut = pending.popleft()
+            out.add(n, fut.result())
+    return out.finish()
+
+
+def read_builtin(cfg: IngestConfig) -> Prepared:
     """The built-in corpus: one document per docstring of the running Python's standard library."""
-    objects = harvest(list(modules) or None)
+    objects = harvest(list(cfg.builtin_modules) or None)
     payload = json.dumps([asdict(o) for o in objects], ensure_ascii=False).encode()
-    return RawSource(
-        uri=builtin_uri(modules), sha256=hashlib.sha256(payload).hexdigest(), bytes=len(payload), format="builtin",
-        lines=list(range(1, len(objects) + 1)), texts=[o.docstring for o in objects], objects=objects,
-    )
+    prep = Prepared(builtin_uri(cfg.builtin_modules), hashlib.sha256(payload).hexdigest(), len(payload), "builtin",
+                    stdlib=objects)
+    chunks = [(list(range(1, len(objects) + 1)), [o.docstring for o in objects])]
+    return prepare(chunks, prep, cfg, workers=1, objects=[o.qualname for o in objects])
 
 
-def read_source(src: Source, cfg: IngestConfig, digest: tuple[str, int] | None = None) -> RawSource:
+def read_source(src: Source, cfg: IngestConfig, digest: tuple[str, int] | None = None,
+                workers: int | None = None) -> Prepared:
+    """Read, validate and clean one source completely (raises IngestError before anything is written)."""
     sha, size = digest or source_digest(src)
-    lines, texts = [], []
-    for line, text in read_documents(src, unit=cfg.unit, text_field=cfg.text_field):
-        lines.append(line)
-        texts.append(text)
-    return RawSource(src.uri, sha, size, src.format, lines, texts)
+    prep = Prepared(src.uri, sha, size, src.format)
+    chunks = read_batches(src, unit=cfg.unit, text_field=cfg.text_field, batch_size=CHUNK_DOCS)
+    expected = size // 100 if not src.remote else 0  # a rough document count, only to choose serial or parallel
+    return prepare(chunks, prep, cfg, workers=workers, expected=expected)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,6 +233,7 @@ def read_source(src: Source, cfg: IngestConfig, digest: tuple[str, int] | None =
 
 
 def _split_sql(cfg: IngestConfig) -> str:
+    """SQL for :func:`split_of` over a ``hash`` column."""
     test = round(cfg.test_fraction * SPLIT_BUCKETS)
     val = test + round(cfg.val_fraction * SPLIT_BUCKETS)
     bucket = f"(('0x' || substr(hash, 1, 8))::UBIGINT % {SPLIT_BUCKETS})"
@@ -149,7 +241,7 @@ def _split_sql(cfg: IngestConfig) -> str:
 
 
 def split_of(text_hash: str, cfg: IngestConfig) -> str:
-    """The split a document with md5 ``text_hash`` (of its normalised text) belongs to; same rule as SQL."""
+    """The split of a document whose normalised text has md5 ``text_hash``: first 32 bits mod 10,000."""
     bucket = int(text_hash[:8], 16) % SPLIT_BUCKETS
     test = round(cfg.test_fraction * SPLIT_BUCKETS)
     if bucket < test:
@@ -157,41 +249,24 @@ def split_of(text_hash: str, cfg: IngestConfig) -> str:
     return "val" if bucket < test + round(cfg.val_fraction * SPLIT_BUCKETS) else "train"
 
 
-def text_hash(normalized: str) -> str:
-    return hashlib.md5(normalized.encode("utf-8")).hexdigest()
-
-
 def _scheme(cfg: IngestConfig) -> str:
     return f"p{cfg.minhash_perm}-s{cfg.minhash_shingle}"
 
 
-def _stage_candidates(con: duckdb.DuckDBPyConnection, raw: RawSource, cfg: IngestConfig) -> dict[str, int]:
-    """Clean, filter and exact-dedup ``raw`` into the temp table ``_new``; return drop counts."""
-    cleaned = normalize_many(raw.texts)
-    keep, dropped = apply_filters(cleaned, [LengthFilter(min_chars=max(cfg.min_chars, 1), max_chars=cfg.max_chars)])
-    objects = [raw.objects[i].qualname for i in keep] if raw.objects else [None] * len(keep)
-    table = pa.table({
-        "ord": pa.array(range(len(keep)), pa.int64()),
-        "line": pa.array([raw.lines[i] for i in keep], pa.int32()),
-        "text": pa.array([cleaned[i] for i in keep], pa.string()),
-        "object": pa.array(objects, pa.string()),
-    })
-    con.register("_incoming", table)
-    # exact dedup: first occurrence within the source, and nothing already in the warehouse
-    con.execute(
-        f"""CREATE OR REPLACE TEMP TABLE _new AS
-        SELECT ord, line, text, object, length(text) AS n_chars, strlen(text) AS n_bytes, hash,
-               {_split_sql(cfg)} AS split
-        FROM (SELECT *, md5(text) AS hash FROM _incoming)
-        WHERE hash NOT IN (SELECT hash FROM documents)
-        QUALIFY row_number() OVER (PARTITION BY hash ORDER BY ord) = 1"""
-    )
-    con.unregister("_incoming")
-    n_new = con.sql("SELECT count(*) FROM _new").fetchall()[0][0]
-    dropped = Counter(dropped)
-    if len(keep) - n_new:
-        dropped["exact_duplicate"] = len(keep) - n_new
-    return dict(dropped)
+def _drop_rows(prep: Prepared, drop: np.ndarray, reason: str) -> None:
+    if drop.any():
+        prep.dropped[reason] += int(drop.sum())
+        prep.table = prep.table.filter(pa.array(~drop))
+
+
+def _drop_existing(con: duckdb.DuckDBPyConnection, prep: Prepared) -> None:
+    """Exact dedup against documents already in the warehouse."""
+    if not prep.table.num_rows or not con.sql("SELECT count(*) FROM documents").fetchall()[0][0]:
+        return
+    con.register("_prepared", prep.table)
+    known = con.sql("SELECT hash IN (SELECT hash FROM documents) FROM _prepared").fetchnumpy()
+    con.unregister("_prepared")
+    _drop_rows(prep, np.asarray(next(iter(known.values())), dtype=bool), "exact_duplicate")
 
 
 def _existing_signatures(
@@ -199,8 +274,7 @@ def _existing_signatures(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Signatures of warehouse documents sharing at least one band key with ``keys`` (n, bands)."""
     n, bands = keys.shape
-    probe = pa.table({"band": np.repeat(np.arange(bands, dtype=np.int16)[None, :], n, 0).ravel(),
-                      "key": keys.ravel()})
+    probe = pa.table({"band": np.tile(np.arange(bands, dtype=np.int16), n), "key": keys.ravel()})
     con.register("_probe", probe)
     rows = con.execute(
         """SELECT s.doc_id, s.sig FROM minhash_signatures s WHERE s.scheme = ? AND s.doc_id IN (
@@ -214,22 +288,7 @@ def _existing_signatures(
     return np.array([r[0] for r in rows], np.int64), np.array([r[1] for r in rows], np.uint32)
 
 
-def _backfill_signatures(con: duckdb.DuckDBPyConnection, cfg: IngestConfig) -> None:
-    """Give warehouse documents without a signature of this scheme one (near dedup turned on later)."""
-    scheme = _scheme(cfg)
-    rows = con.execute(
-        """SELECT doc_id, text FROM documents WHERE doc_id NOT IN
-           (SELECT doc_id FROM minhash_signatures WHERE scheme = ?) ORDER BY doc_id""",
-        [scheme],
-    ).fetchall()
-    if rows:
-        ids = np.array([r[0] for r in rows], np.int64)
-        sigs = minhash.signatures([r[1] for r in rows], cfg.minhash_perm, cfg.minhash_shingle)
-        _insert_signatures(con, scheme, ids, sigs, cfg)
-
-
-def _insert_signatures(con: duckdb.DuckDBPyConnection, scheme: str, ids: np.ndarray, sigs: np.ndarray,
-                       cfg: IngestConfig) -> None:
+def _insert_signatures(con: duckdb.DuckDBPyConnection, ids: np.ndarray, sigs: np.ndarray, cfg: IngestConfig) -> None:
     bands, rows = minhash.lsh_params(cfg.minhash_perm, cfg.near_dedup_threshold)
     keys = minhash.band_keys(sigs, bands, rows)
     sig_table = pa.table({"doc_id": ids, "sig": pa.array(list(sigs), pa.list_(pa.uint32()))})
@@ -240,69 +299,70 @@ def _insert_signatures(con: duckdb.DuckDBPyConnection, scheme: str, ids: np.ndar
     })
     con.register("_sigs", sig_table)
     con.register("_bands", band_table)
-    con.execute("INSERT INTO minhash_signatures SELECT ?, doc_id, sig FROM _sigs", [scheme])
-    con.execute("INSERT INTO minhash_bands SELECT ?, band, key, doc_id FROM _bands", [scheme])
+    con.execute("INSERT INTO minhash_signatures SELECT ?, doc_id, sig FROM _sigs", [_scheme(cfg)])
+    con.execute("INSERT INTO minhash_bands SELECT ?, band, key, doc_id FROM _bands", [_scheme(cfg)])
     con.unregister("_sigs")
     con.unregister("_bands")
 
 
-def _near_dedup(con: duckdb.DuckDBPyConnection, cfg: IngestConfig) -> tuple[int, tuple[np.ndarray, np.ndarray]]:
-    """Drop near-duplicates from ``_new``; return how many, and the kept rows' (ord, signature)."""
-    rows = con.sql("SELECT ord, text FROM _new ORDER BY ord").fetchall()
-    if not rows:
-        return 0, (np.zeros(0, np.int64), np.zeros((0, cfg.minhash_perm), np.uint32))
-    ords = np.array([r[0] for r in rows], np.int64)
-    sigs = minhash.signatures([r[1] for r in rows], cfg.minhash_perm, cfg.minhash_shingle)
-    bands, per_band = minhash.lsh_params(cfg.minhash_perm, cfg.near_dedup_threshold)
-    _, existing = _existing_signatures(con, _scheme(cfg), minhash.band_keys(sigs, bands, per_band))
-    dup_of = minhash.near_duplicates(sigs, cfg.near_dedup_threshold, bands, per_band, existing=existing)
-    drop = dup_of >= 0
-    if drop.any():
-        con.register("_drop", pa.table({"ord": ords[drop]}))
-        con.execute("DELETE FROM _new WHERE ord IN (SELECT ord FROM _drop)")
-        con.unregister("_drop")
-    return int(drop.sum()), (ords[~drop], sigs[~drop])
+def _backfill_signatures(con: duckdb.DuckDBPyConnection, cfg: IngestConfig) -> None:
+    """Give warehouse documents without a signature of this scheme one (near dedup turned on later)."""
+    rows = con.execute(
+        """SELECT doc_id, text FROM documents WHERE doc_id NOT IN
+           (SELECT doc_id FROM minhash_signatures WHERE scheme = ?) ORDER BY doc_id""",
+        [_scheme(cfg)],
+    ).fetchall()
+    if rows:
+        ids = np.array([r[0] for r in rows], np.int64)
+        _insert_signatures(con, ids, minhash.signatures([r[1] for r in rows], cfg.minhash_perm, cfg.minhash_shingle),
+                           cfg)
 
 
-def _write_source(con: duckdb.DuckDBPyConnection, raw: RawSource, cfg: IngestConfig) -> SourceReport:
+def _drop_near_duplicates(con: duckdb.DuckDBPyConnection, prep: Prepared, cfg: IngestConfig) -> np.ndarray:
+    """MinHash LSH against the source itself and the warehouse; returns the kept documents' signatures."""
+    sigs = minhash.signatures(prep.table.column("text").to_pylist(), cfg.minhash_perm, cfg.minhash_shingle)
+    if not len(sigs):
+        return sigs
+    bands, rows = minhash.lsh_params(cfg.minhash_perm, cfg.near_dedup_threshold)
+    _, existing = _existing_signatures(con, _scheme(cfg), minhash.band_keys(sigs, bands, rows))
+    drop = minhash.near_duplicates(sigs, cfg.near_dedup_threshold, bands, rows, existing=existing) >= 0
+    _drop_rows(prep, drop, "near_duplicate")
+    return sigs[~drop]
+
+
+def _write_source(con: duckdb.DuckDBPyConnection, prep: Prepared, cfg: IngestConfig) -> SourceReport:
     """Everything for one source inside one transaction; rolled back on any error."""
     t0 = time.perf_counter()
     con.begin()
     try:
-        dropped = _stage_candidates(con, raw, cfg)
-        kept_sigs = None
+        _drop_existing(con, prep)
+        sigs = None
         if cfg.near_dedup:
             _backfill_signatures(con, cfg)
-            n_near, kept_sigs = _near_dedup(con, cfg)
-            if n_near:
-                dropped["near_duplicate"] = n_near
+            sigs = _drop_near_duplicates(con, prep, cfg)
         source_id = con.sql("SELECT nextval('source_id_seq')").fetchall()[0][0]
         base = con.sql("SELECT coalesce(max(doc_id), 0) FROM documents").fetchall()[0][0]
-        con.execute(
-            """INSERT INTO documents SELECT ? + row_number() OVER (ORDER BY ord), ?, line, text, n_chars, n_bytes,
-               hash, split, object FROM _new ORDER BY ord""",
-            [base, source_id],
-        )
-        kept = con.sql("SELECT count(*) FROM _new").fetchall()[0][0]
-        if kept_sigs is not None and len(kept_sigs[0]):
-            # the kept rows of _new are numbered base+1.. in ord order, the same order as kept_sigs
-            ids = base + 1 + np.arange(len(kept_sigs[0]), dtype=np.int64)
-            _insert_signatures(con, _scheme(cfg), ids, kept_sigs[1], cfg)
+        ids = np.arange(base + 1, base + 1 + prep.table.num_rows, dtype=np.int64)
+        con.register("_final", prep.table.append_column("doc_id", pa.array(ids)))
+        con.execute(f"""INSERT INTO documents SELECT doc_id, {int(source_id)}, line, text, length(text), strlen(text),
+                        hash, {_split_sql(cfg)}, object FROM _final""")
+        con.unregister("_final")
+        if sigs is not None and len(sigs):
+            _insert_signatures(con, ids, sigs, cfg)
         con.execute(
             "INSERT INTO sources VALUES (?, ?, ?, ?, ?, ?, ?, now())",
-            [source_id, raw.uri, raw.sha256, raw.bytes, raw.format, len(raw.texts), kept],
+            [source_id, prep.uri, prep.sha256, prep.bytes, prep.format, prep.read, len(ids)],
         )
+        dropped = {r: n for r, n in prep.dropped.items() if n}
         if dropped:
             con.executemany("INSERT INTO drops VALUES (?, ?, ?)", [[source_id, r, n] for r, n in dropped.items()])
-        if raw.objects:
-            _write_objects(con, raw.objects, source_id)
+        if prep.stdlib:
+            _write_objects(con, prep.stdlib, source_id)
         con.commit()
     except BaseException:
         con.rollback()
         raise
-    finally:
-        con.execute("DROP TABLE IF EXISTS _new")
-    return SourceReport(raw.uri, "ingested", raw.bytes, len(raw.texts), kept, dropped, time.perf_counter() - t0)
+    return SourceReport(prep.uri, "ingested", prep.bytes, prep.read, len(ids), dropped, time.perf_counter() - t0)
 
 
 def _write_objects(con: duckdb.DuckDBPyConnection, objects: list[DocObject], source_id: int) -> None:
@@ -341,31 +401,36 @@ def ingest(
     t0 = time.perf_counter()
     planned = plan_sources(cfg)  # every path is checked before anything is read or written
     reports: list[SourceReport] = []
+    items: Iterable = planned if planned is not None else [None]
+    bar = tqdm(items, desc="ingest", unit="source", disable=not progress or planned is None or len(planned) < 2)
+    for step, src in enumerate(bar):
+        report = _ingest_one(ws, src, cfg)
+        reports.append(report)
+        log.metrics({"source_documents_kept": report.kept, "source_documents_read": report.read}, step=step)
+        bar.set_postfix_str(Path(report.uri).name[-40:])
     with warehouse.connect(ws) as con:
-        items: Iterable = planned if planned is not None else [None]
-        bar = tqdm(items, desc="ingest", unit="source", disable=not progress or planned is None or len(planned) < 2)
-        for step, src in enumerate(bar):
-            report = _ingest_one(con, src, cfg)
-            reports.append(report)
-            log.metrics({"source_documents_kept": report.kept, "source_documents_read": report.read}, step=step)
-            bar.set_postfix_str(Path(report.uri).name[-40:])
         splits = warehouse.split_counts(con)
         fingerprint = warehouse.corpus_fingerprint(con)
     return IngestReport(reports, splits, fingerprint, time.perf_counter() - t0)
 
 
-def _ingest_one(con: duckdb.DuckDBPyConnection, src: Source | None, cfg: IngestConfig) -> SourceReport:
+def _ingest_one(ws: Workspace, src: Source | None, cfg: IngestConfig) -> SourceReport:
+    # The warehouse is closed while the source is read and cleaned: cleaning forks worker processes,
+    # which must not inherit a live DuckDB instance and its threads.
     if src is None:
         uri = builtin_uri(cfg.builtin_modules)
-        if _already_ingested(con, uri=uri):
-            return SourceReport(uri, "skipped")
-        raw = read_builtin(cfg.builtin_modules)
+        with warehouse.connect(ws) as con:
+            if _already_ingested(con, uri=uri):
+                return SourceReport(uri, "skipped")
+        prep = read_builtin(cfg)
     else:
         sha, size = source_digest(src)
-        if _already_ingested(con, sha256=sha):
-            return SourceReport(src.uri, "skipped", size)
-        raw = read_source(src, cfg, (sha, size))
-    return _write_source(con, raw, cfg)
+        with warehouse.connect(ws) as con:
+            if _already_ingested(con, sha256=sha):
+                return SourceReport(src.uri, "skipped", size)
+        prep = read_source(src, cfg, (sha, size))
+    with warehouse.connect(ws) as con:
+        return _write_source(con, prep, cfg)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -193,6 +193,7 @@ def read_documents(source: Source, unit: str = "line", text_field: str = "text")
     record index for JSON, and the 1-based row for Parquet, CSV and remote JSON/JSONL. `unit` ("line" or
     "paragraph", paragraphs being separated by blank lines) applies to text sources only; `text_field` names
     the field or column holding the text in the other formats. A source with no documents is an error.
+    Remote text is fetched whole with DuckDB's read_blob; the other remote formats stream.
     """
     if unit not in UNITS:
         raise ValueError(f"unit must be one of {UNITS}, not {unit!r}")
@@ -201,6 +202,47 @@ def read_documents(source: Source, unit: str = "line", text_field: str = "text")
     else:
         documents = _local_documents(source, unit, text_field)
     return _require_documents(source, documents)
+
+
+def read_batches(
+    source: Source, unit: str = "line", text_field: str = "text", batch_size: int = 20_000
+) -> Iterator[tuple[list[int], list[str]]]:
+    """:func:`read_documents` in batches of (numbers, texts): the same documents, with the same errors.
+
+    Local line-per-document text, the common case for large corpora, is split a whole block at a time
+    instead of one generator step per line, which is several times faster.
+    """
+    if source.format == "text" and unit == "line" and not source.remote:
+        if _local_size(source.uri) == 0:
+            raise IngestError(source.uri, None, "empty file")
+        empty = True
+        for numbers, texts in _local_line_batches(source):
+            empty = empty and not texts
+            if texts:
+                yield numbers, texts
+        if empty:
+            raise IngestError(source.uri, None, "empty file: no documents")
+        return
+    numbers, texts = [], []
+    for number, text in read_documents(source, unit, text_field):
+        numbers.append(number)
+        texts.append(text)
+        if len(texts) >= batch_size:
+            yield numbers, texts
+            numbers, texts = [], []
+    if texts:
+        yield numbers, texts
+
+
+def _local_line_batches(source: Source) -> Iterator[tuple[list[int], list[str]]]:
+    try:
+        raw = open(source.uri, "rb")  # noqa: SIM115 - closed by the with statement below
+    except OSError as error:
+        raise IngestError(source.uri, None, f"cannot open: {error.strerror}") from error
+    with raw, _decompressed(raw, source.compression) as stream:
+        for first, lines in _iter_lines(stream, source.uri):
+            keep = [i for i, line in enumerate(lines) if line and not line.isspace()]
+            yield [first + i for i in keep], [lines[i] for i in keep]
 
 
 def _require_documents(source: Source, documents: Iterator[tuple[int, str]]) -> Iterator[tuple[int, str]]:
@@ -348,14 +390,11 @@ def _field_problem(record: object, field: str) -> str | None:
 _raw_decode = json.JSONDecoder().raw_decode
 
 
-def _parse_json_line(line: str) -> object:
-    # raw_decode skips the two whitespace regex matches json.loads makes around every document (a third of
-    # the parse time for short records); anything unusual goes through json.loads for its exact verdict.
+def _load_json_line(line: str, path: str, number: int) -> object:
     try:
-        value, end = _raw_decode(line)
-    except json.JSONDecodeError:
         return json.loads(line)
-    return value if end == len(line) else json.loads(line)
+    except json.JSONDecodeError as error:
+        raise IngestError(path, number, f"malformed JSON: {error.msg} (column {error.colno})") from None
 
 
 def _jsonl_documents(batches: Iterator[tuple[int, list[str]]], path: str, field: str) -> Iterator[tuple[int, str]]:
@@ -363,14 +402,18 @@ def _jsonl_documents(batches: Iterator[tuple[int, list[str]]], path: str, field:
         for number, line in enumerate(lines, first):
             if not line or line.isspace():
                 continue
+            # raw_decode skips the two whitespace regex matches json.loads makes around every document (a
+            # third of the parse time for short records); anything unusual gets json.loads's exact verdict.
             try:
-                record = _parse_json_line(line)
-            except json.JSONDecodeError as error:
-                raise IngestError(path, number, f"malformed JSON: {error.msg} (column {error.colno})") from None
-            problem = _field_problem(record, field)
-            if problem is not None:
-                raise IngestError(path, number, problem)
-            yield number, record[field]
+                record, end = _raw_decode(line)
+            except json.JSONDecodeError:
+                record, end = None, -1
+            if end != len(line):
+                record = _load_json_line(line, path, number)
+            text = record.get(field) if type(record) is dict else None
+            if type(text) is not str:
+                raise IngestError(path, number, _field_problem(record, field) or "not a string")
+            yield number, text
 
 
 def _read_all(stream: BinaryIO, path: str) -> str:
@@ -447,12 +490,15 @@ def _duckdb_documents(
 def _fetch_blob(con: duckdb.DuckDBPyConnection, location: str) -> bytes:
     # read_blob rather than read_text: it passes compressed bytes through and lets invalid UTF-8 be reported
     # with its line number by the same decoder as local files.
-    row = con.execute("SELECT content FROM read_blob(?)", [location]).fetchone()
-    if row is None:  # read_blob treats its argument as a pattern; no match is no row rather than an error
+    # read_blob treats its argument as a glob: no match is no row, several matches several rows.
+    rows = con.execute("SELECT content FROM read_blob(?)", [location]).fetchmany(2)
+    if not rows:
         raise IngestError(location, None, "no such file or object")
-    if not row[0]:
+    if len(rows) > 1:
+        raise IngestError(location, None, "the pattern matches several text objects; list them separately")
+    if not rows[0][0]:
         raise IngestError(location, None, "empty file")
-    return bytes(row[0])
+    return bytes(rows[0][0])
 
 
 def _relation(con: duckdb.DuckDBPyConnection, location: str, fmt: str, compression: str | None) -> str:
@@ -522,8 +568,9 @@ def source_digest(source: Source) -> tuple[str, int]:
     """Return (sha256 hex, size in bytes) identifying the stored bytes of `source`.
 
     Local files: the hash of the raw bytes as stored (still compressed), read in 1 MiB blocks. Remote
-    sources: no content is downloaded; the hash covers the URI, size and last-modified time that DuckDB's
-    read_blob reports, so a remote change that keeps both size and timestamp goes unnoticed.
+    sources: no content is downloaded; the hash covers the URI and the name, size and last-modified time of
+    each object it matches as DuckDB's read_blob reports them (no ETag is available there), so a remote
+    change that keeps both size and timestamp goes unnoticed; the size is the objects' total.
     """
     if source.remote:
         return _remote_digest(source.uri)
@@ -539,14 +586,16 @@ def source_digest(source: Source) -> tuple[str, int]:
 
 
 def _remote_digest(uri: str) -> tuple[str, int]:
+    # Selecting only these columns lets read_blob skip the content; a glob URI lists every object it matches.
+    query = "SELECT filename, size, last_modified FROM read_blob(?) ORDER BY filename"
     try:
         with duckdb.connect(":memory:") as con:
-            row = con.execute("SELECT size, last_modified FROM read_blob(?)", [uri]).fetchone()
+            rows = con.execute(query, [uri]).fetchall()
     except duckdb.Error as error:
         raise IngestError(uri, None, f"cannot stat: {str(error).strip().splitlines()[0]}") from error
-    if row is None:
-        raise IngestError(uri, None, "no such object")
-    size, modified = int(row[0]), row[1]
-    stamp = modified.isoformat() if modified is not None else ""
-    return hashlib.sha256(f"{uri}\n{size}\n{stamp}".encode()).hexdigest(), size
-
+    if not rows:
+        raise IngestError(uri, None, "no such file or object")
+    digest = hashlib.sha256(uri.encode())
+    for name, size, modified in rows:
+        digest.update(f"\n{name}\n{size}\n{modified.isoformat() if modified else ''}".encode())
+    return digest.hexdigest(), sum(size or 0 for _, size, _ in rows)

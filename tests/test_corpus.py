@@ -203,3 +203,24 @@ def test_builtin_corpus_keeps_objects_and_their_docstrings(workspace):
     assert joined and joined[0][0] == "json.dumps"
     again = ingest(workspace, IngestConfig(builtin_modules=("json", "textwrap")), progress=False)
     assert again.added == 0 and again.sources[0].status == "skipped"
+
+
+def test_parallel_cleaning_matches_serial(tmp_path, monkeypatch):
+    from lmpipe import corpus
+    from lmpipe.sources import resolve_sources
+
+    monkeypatch.setattr(corpus, "CHUNK_DOCS", 50)  # many small jobs, so order and in-source dedup are exercised
+    monkeypatch.setattr(corpus, "PARALLEL_MIN_DOCS", 0)
+    lines = [f"line {i % 170} of a parallel test, ｆｕｌｌ width and\ttabs" for i in range(600)] + ["tiny"]
+    path = tmp_path / "many.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    src = resolve_sources([str(path)])[0]
+    serial = corpus.read_source(src, IngestConfig(), workers=1)
+    jobs = []
+    real_pool = corpus.ProcessPoolExecutor
+    monkeypatch.setattr(corpus, "ProcessPoolExecutor", lambda *a, **k: jobs.append(a) or real_pool(*a, **k))
+    parallel = corpus.read_source(src, IngestConfig(), workers=2)
+    assert jobs, "the parallel path was not taken"
+    assert parallel.table.equals(serial.table)
+    assert parallel.dropped == serial.dropped == {"exact_duplicate": 430, "too_short": 1}
+    assert serial.table.num_rows == 170 and serial.read == 601
