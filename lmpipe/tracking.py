@@ -131,7 +131,8 @@ class Tracker:
         if exp is not None:
             return exp.experiment_id
         location = None
-        if self.uri == self.ws.mlflow_uri:  # a local store keeps its artifacts in the workspace too
+        if not self.uri.startswith(("http://", "https://", "databricks")):
+            # a local store keeps artifacts in the workspace, not in ./mlartifacts of whatever the current dir is
             self.ws.mlflow_artifacts.mkdir(parents=True, exist_ok=True)
             location = self.ws.mlflow_artifacts.as_uri()
         return self.client.create_experiment(name, artifact_location=location)

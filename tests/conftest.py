@@ -13,9 +13,12 @@ from pathlib import Path
 import pytest
 
 _SESSION_TMP = Path(tempfile.mkdtemp(prefix="lmpipe-tests-"))
-for var in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "LMPIPE_WORKSPACE", "PREFECT_PROFILES_PATH"):
+for var in ("PREFECT_API_URL", "LMPIPE_WORKSPACE", "PREFECT_PROFILES_PATH"):
     os.environ.pop(var, None)
 os.environ.update({
+    # One MLflow store for the session (creating a SQLite store costs seconds); tests that need the
+    # workspace's own store unset it, and each test that tracks uses its own experiment.
+    "MLFLOW_TRACKING_URI": f"sqlite:///{_SESSION_TMP / 'mlflow.db'}",
     "PREFECT_HOME": str(_SESSION_TMP / "prefect-home"),
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -43,3 +46,9 @@ def workspace(tmp_path):
     from lmpipe.workspace import Workspace
 
     return Workspace.resolve(tmp_path / "ws")
+
+
+@pytest.fixture
+def experiment(request) -> str:
+    """An MLflow experiment name of this test's own in the session's store."""
+    return f"test-{request.node.name}-{os.getpid()}"[:200]

@@ -48,15 +48,16 @@ def test_config_show_applies_overrides():
 
 
 @pytest.mark.usefixtures("prefect_server")
-def test_run_then_status_shows_fresh_then_cached(workspace):
+def test_run_then_status_shows_fresh_then_cached(workspace, experiment):
     assert "never run" in _invoke("status", "--workspace", workspace.root).output
-    first = _invoke("run", "--workspace", workspace.root, "--only", "ingest", *SMALL)
+    tracking = ["--set", f"tracking.experiment={experiment}"]
+    first = _invoke("run", "--workspace", workspace.root, "--only", "ingest", *SMALL, *tracking)
     assert first.exit_code == 0, first.output
     assert "ingest       completed" in first.output
     status = json.loads(_invoke("status", "--workspace", workspace.root, "--json").output)
     ingest = next(s for s in status["stages"] if s["stage"] == "ingest")
     assert ingest["status"] == "fresh" and ingest["metrics"]["documents_added"] > 5
-    second = _invoke("run", "--workspace", workspace.root, "--only", "ingest", *SMALL)
+    second = _invoke("run", "--workspace", workspace.root, "--only", "ingest", *SMALL, *tracking)
     assert "ingest       reused" in second.output
     assert "cached" in _invoke("status", "--workspace", workspace.root).output
 

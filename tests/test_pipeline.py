@@ -13,25 +13,27 @@ pytestmark = pytest.mark.usefixtures("prefect_server")
 SMALL = ["ingest.builtin_modules=[json, textwrap]"]
 
 
-def _run(ws, overrides=(), **kwargs):
+def _run(ws, experiment, overrides=(), **kwargs):
     from flows.pipeline import run_pipeline
 
-    cfg = load_config("tiny", (), [*SMALL, *overrides])
+    cfg = load_config("tiny", (), [*SMALL, f"tracking.experiment={experiment}", *overrides])
     return run_pipeline(str(ws.root), config=cfg, only=("ingest",), **kwargs)
 
 
-def _runs(ws):
+def _runs(ws, experiment):
     from lmpipe.tracking import Tracker
 
-    tracker = Tracker(ws)
+    tracker = Tracker(ws, experiment)
     runs = tracker.search_runs(max_results=1000)
     return tracker, sorted(runs, key=lambda r: r.info.start_time)
 
 
-def test_first_run_records_parent_and_stage_runs(workspace):
-    out = _run(workspace)
+def test_first_run_records_parent_and_stage_runs(experiment, workspace, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the default: a store inside the workspace
+    out = _run(workspace, experiment)
+    assert (workspace.root / "mlflow.db").exists()
     assert out["_statuses"] == {"ingest": "completed"}
-    tracker, runs = _runs(workspace)
+    tracker, runs = _runs(workspace, experiment)
     parent = next(r for r in runs if r.info.run_name == "pipeline")
     child = next(r for r in runs if r.info.run_name == "ingest")
     assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
@@ -47,17 +49,17 @@ def test_first_run_records_parent_and_stage_runs(workspace):
     assert state.status == "completed" and state.result.run_id == child.info.run_id
 
 
-def test_second_run_reuses_and_force_reruns(workspace):
-    first = _run(workspace)
-    second = _run(workspace)
+def test_second_run_reuses_and_force_reruns(experiment, workspace):
+    first = _run(workspace, experiment)
+    second = _run(workspace, experiment)
     assert second["_statuses"] == {"ingest": "reused"}
     assert second["ingest"]["run_id"] == first["ingest"]["run_id"]
-    _, runs = _runs(workspace)
+    _, runs = _runs(workspace, experiment)
     reused = [r for r in runs if r.info.run_name == "ingest" and r.data.tags["lmpipe.reused"] == "true"]
     assert len(reused) == 1 and reused[0].data.tags["lmpipe.reused_from"] == first["ingest"]["run_id"]
     assert load_stage_state(workspace, "ingest").status == "reused"
 
-    forced = _run(workspace, force=("ingest",))
+    forced = _run(workspace, experiment, force=("ingest",))
     assert forced["_statuses"] == {"ingest": "completed"}
     assert forced["ingest"]["run_id"] != first["ingest"]["run_id"]
     # nothing new arrived, so the data fingerprint (what downstream stages key on) is unchanged
@@ -65,33 +67,33 @@ def test_second_run_reuses_and_force_reruns(workspace):
     assert [h["stages"]["ingest"] for h in load_history(workspace)] == ["completed", "reused", "completed"]
 
 
-def test_config_change_reruns_the_stage(workspace):
-    first = _run(workspace)
-    changed = _run(workspace, ["ingest.min_chars=400"])
+def test_config_change_reruns_the_stage(experiment, workspace):
+    first = _run(workspace, experiment)
+    changed = _run(workspace, experiment, ["ingest.min_chars=400"])
     assert changed["_statuses"] == {"ingest": "completed"}
     assert changed["ingest"]["cache_key"] != first["ingest"]["cache_key"]
 
 
-def test_warehouse_changed_outside_the_pipeline_invalidates_the_cache(workspace, tmp_path):
+def test_warehouse_changed_outside_the_pipeline_invalidates_the_cache(experiment, workspace, tmp_path):
     from lmpipe.config import IngestConfig
     from lmpipe.corpus import ingest
 
-    first = _run(workspace)
+    first = _run(workspace, experiment)
     extra = tmp_path / "extra.txt"
     extra.write_text("a brand new document that the pipeline has not seen before\n", encoding="utf-8")
     ingest(workspace, IngestConfig(sources=(str(extra),)), progress=False)
-    again = _run(workspace)
+    again = _run(workspace, experiment)
     assert again["_statuses"] == {"ingest": "completed"}
     assert again["ingest"]["fingerprint"] != first["ingest"]["fingerprint"]
 
 
-def test_failed_stage_marks_runs_failed_and_keeps_previous_result(workspace, tmp_path):
-    good = _run(workspace)
+def test_failed_stage_marks_runs_failed_and_keeps_previous_result(experiment, workspace, tmp_path):
+    good = _run(workspace, experiment)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine line of text here"}\n{"text": broken\n', encoding="utf-8")
     with pytest.raises(ValueError, match=r"bad\.jsonl:2"):
-        _run(workspace, [f"ingest.sources=['{bad}']"])
-    _, runs = _runs(workspace)
+        _run(workspace, experiment, [f"ingest.sources=['{bad}']"])
+    _, runs = _runs(workspace, experiment)
     last_parent = [r for r in runs if r.info.run_name == "pipeline"][-1]
     assert last_parent.info.status == "FAILED"
     failed_children = [r for r in runs if r.info.run_name == "ingest" and r.info.status == "FAILED"]
@@ -100,9 +102,9 @@ def test_failed_stage_marks_runs_failed_and_keeps_previous_result(workspace, tmp
     assert state.status == "failed" and "bad.jsonl:2" in state.error
     assert state.result.fingerprint == good["ingest"]["fingerprint"]  # the earlier output stays valid
     # and the next good run reuses it
-    assert _run(workspace)["_statuses"] == {"ingest": "reused"}
+    assert _run(workspace, experiment)["_statuses"] == {"ingest": "reused"}
 
 
-def test_second_run_on_a_busy_workspace_is_refused(workspace):
+def test_second_run_on_a_busy_workspace_is_refused(experiment, workspace):
     with workspace.lock(0, purpose="test holder"), pytest.raises(WorkspaceBusy, match="in use by another lmpipe"):
-        _run(workspace)
+        _run(workspace, experiment)
