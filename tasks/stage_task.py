@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from prefect import task
+from prefect.runtime import flow_run as runtime_flow_run
 from prefect.runtime import task_run as runtime_task_run
 
 from lmpipe.config import PipelineConfig, flatten, from_dict
 from lmpipe.pipeline import get_stage
 from lmpipe.stage import StageContext, StageResult
-from lmpipe.tracking import RunLogger, Tracker
+from lmpipe.tracking import RunLogger, Tracker, git_info
 from lmpipe.workspace import Workspace
 
 NOT_TRANSIENT = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
@@ -67,8 +68,13 @@ def run_stage_task(
     tracker = Tracker(ws, cfg.tracking.experiment, cfg.tracking.tracking_uri)
     parent = RunLogger(tracker.client, parent_run_id) if parent_run_id else None
     tags = {"lmpipe.stage": stage, "lmpipe.cache_key": cache_key, "lmpipe.reused": "false"}
+    tags |= {f"lmpipe.input.{name}": res["fingerprint"] for name, res in inputs.items()}
     if runtime_task_run.id:
         tags["prefect.task_run_id"] = str(runtime_task_run.id)
+    if runtime_flow_run.id:
+        tags["prefect.flow_run_id"] = str(runtime_flow_run.id)
+    if cfg.tracking.log_system_info:
+        tags |= git_info()
     run = tracker.start_run(stage, parent, tags)
     run.params(flatten(getattr(cfg, spec.section), prefix=spec.section))
     out_dir = ws.stage_dir(stage, cache_key)

@@ -108,3 +108,31 @@ def test_failed_stage_marks_runs_failed_and_keeps_previous_result(experiment, wo
 def test_second_run_on_a_busy_workspace_is_refused(experiment, workspace):
     with workspace.lock(0, purpose="test holder"), pytest.raises(WorkspaceBusy, match="in use by another lmpipe"):
         _run(workspace, experiment)
+
+
+def test_transient_io_errors_are_retried_and_bad_input_is_not(experiment, workspace, monkeypatch):
+    from lmpipe import pipeline
+    from lmpipe.stage import Stage, StageOutput
+
+    calls = []
+
+    def flaky(ctx):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("disk busy")
+        return StageOutput("fp", metrics={"ok": 1.0})
+
+    stage = Stage("ingest", "ingest", (), flaky, ("lmpipe.corpus",))
+    monkeypatch.setattr(pipeline, "STAGES", (stage,))
+    out = _run(workspace, experiment, ["ingest.min_chars=3"])
+    assert out["_statuses"] == {"ingest": "completed"} and len(calls) == 2
+
+    def bad(ctx):
+        calls.append(1)
+        raise ValueError("bad input")
+
+    monkeypatch.setattr(pipeline, "STAGES", (Stage("ingest", "ingest", (), bad, ("lmpipe.corpus",)),))
+    calls.clear()
+    with pytest.raises(ValueError, match="bad input"):
+        _run(workspace, experiment, ["ingest.min_chars=4"])
+    assert len(calls) == 1
