@@ -1,0 +1,66 @@
+"""ARPA export and import: round trips score identically; a hand-written file scores by hand."""
+
+import math
+
+import numpy as np
+import pytest
+
+from lmpipe import ngram
+from lmpipe.arpa import read_arpa, write_arpa
+
+CORPUS = [s.split() for s in ["a b c", "a b b", "b c a", "c a b c", "a a", "b"]]
+CONTEXTS = [[], ["<s>"], ["a"], ["<s>", "a"], ["a", "b"], ["c", "c"], ["zzz", "b"], ["b", "zzz"]]
+
+
+def _all_logprobs(model):
+    return np.array([[model.logprob(w, ctx) for w in ("a", "b", "c", "</s>", "<unk>", "never")] for ctx in CONTEXTS])
+
+
+@pytest.mark.parametrize("method", ["mle", "katz", "jm", "kn"])
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_round_trip_scores_identically(tmp_path, method, order):
+    kw = {"lambdas": [0.8, 0.6, 0.5][:order]} if method == "jm" else {}
+    model = ngram.fit(CORPUS, order, method, **kw)
+    loaded = read_arpa(write_arpa(model, tmp_path / "m.arpa"))
+    assert loaded.order == order
+    np.testing.assert_array_equal(_all_logprobs(loaded), _all_logprobs(model))
+
+
+@pytest.mark.parametrize("method", ["katz", "kn"])
+def test_streamed_export_matches_model_export(tmp_path, method):
+    counts = ngram.count(CORPUS, 3)
+    ngram.estimate_arpa(counts, 3, method, tmp_path / "s.arpa")
+    streamed = read_arpa(tmp_path / "s.arpa")
+    from_model = read_arpa(write_arpa(ngram.estimate(counts, 3, method), tmp_path / "m.arpa"))
+    np.testing.assert_array_equal(_all_logprobs(streamed), _all_logprobs(from_model))
+
+
+def test_add_k_exports_by_enumeration(tmp_path):
+    model = ngram.fit(CORPUS, 2, "addk", k=0.5)
+    loaded = read_arpa(write_arpa(ngram.addk_to_backoff(model), tmp_path / "addk.arpa"))
+    np.testing.assert_allclose(_all_logprobs(loaded), _all_logprobs(model), rtol=1e-6)  # ARPA holds float32
+
+
+def test_file_layout_and_log_zero(tmp_path):
+    path = write_arpa(ngram.fit(CORPUS, 2, "mle"), tmp_path / "mle.arpa")
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith("\\data\\\nngram 1=6\nngram 2=")
+    assert text.rstrip().endswith("\\end\\")
+    lines = text.split("\\1-grams:\n")[1].split("\n\n")[0].splitlines()
+    entries = {line.split("\t")[1]: line.split("\t") for line in lines}
+    assert entries["<s>"][0] == "-99"  # <s> is never predicted
+    assert entries["a"][2] == "-99"  # MLE: an unseen continuation of "a" has probability 0
+    assert float(entries["a"][0]) == pytest.approx(math.log10(6 / 22))  # 16 words + 6 </s>
+
+
+def test_hand_written_arpa_scores_by_hand(tmp_path):
+    path = tmp_path / "hand.arpa"
+    path.write_text(
+        "\\data\\\nngram 1=4\nngram 2=2\n\n\\1-grams:\n-1.0 <s> -0.3\n-0.5 a -0.2\n-0.7 </s>\n-2 <unk>\n\n"
+        "\\2-grams:\n-0.1 <s> a\n-0.2 a </s>\n\n\\end\\\n", encoding="utf-8")
+    model = read_arpa(path)
+    assert model.logprob("a", ["<s>"]) == pytest.approx(-0.1)
+    assert model.logprob("</s>", ["<s>"]) == pytest.approx(-0.3 - 0.7)  # bow(<s>) p(</s>)
+    assert model.logprob("a", ["a"]) == pytest.approx(-0.2 - 0.5)
+    assert model.logprob("b", ["a"]) == pytest.approx(-0.2 - 2)  # unknown word: bow(a) p(<unk>)
+    assert model.sentence_logprob(["a"]) == pytest.approx(-0.1 - 0.2)
