@@ -1,0 +1,102 @@
+"""word2vec on a CUDA GPU: the torch engine's throughput and quality, unattended, against the CPU engine.
+
+Usage (on a machine with a CUDA GPU; prints JSON and writes it to ``--json``)::
+
+    python benchmarks/word2vec_gpu_bench.py CORPUS.txt --eval-dir DIR [--epochs 5] [--batch-pairs 1048576 ...]
+
+It tokenizes once, then trains skip-gram with negative sampling (window 5, 5 negatives, dimension 100,
+min count 5) on the GPU for each ``--batch-pairs`` value, and, unless ``--no-cpu``, with the numba
+kernels on all CPU cores for the same epochs, so the rows differ only in the engine. Each row reports
+words/s (in-vocabulary words × epochs / training wall time, with the GPU synchronised), peak GPU
+memory and the evaluation of :mod:`benchmarks.word2vec_bench`. Without a GPU it exits with a message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from word2vec_bench import evaluate, read_sentences  # noqa: E402
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("file", type=Path)
+    p.add_argument("--eval-dir", type=Path)
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--variant", choices=("sg-ns", "sg-hs", "cbow-ns", "cbow-hs"), default="sg-ns")
+    p.add_argument("--batch-pairs", type=int, nargs="+", default=[1 << 18, 1 << 20, 1 << 22])
+    p.add_argument("--max-lines", type=int, default=0)
+    p.add_argument("--no-cpu", action="store_true", help="skip the CPU-engine row")
+    p.add_argument("--json", type=Path, default=Path("word2vec_gpu_bench.json"))
+    return p.parse_args()
+
+
+def run(settings, vocab, corpus, eval_dir: Path | None) -> dict:
+    import torch
+
+    from lmpipe import word2vec
+    from lmpipe.vectors import WordVectors
+
+    cuda = settings.device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    model = word2vec.train(settings=settings, vocab=vocab, corpus=corpus,
+                           progress=lambda r: print(f"  {r['progress']:6.1%} loss {r['loss']:.4f} "
+                                                    f"{r['words_per_s']:,.0f} words/s", flush=True))
+    if cuda:
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    n_words = int(corpus[1][-1])
+    row = {"device": settings.device, "batch_pairs": settings.batch_pairs, "seconds": wall,
+           "words_per_s": n_words * settings.epochs / wall, "epoch_loss": [h["loss"] for h in model.history]}
+    if cuda:
+        row["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return row | evaluate(WordVectors(model.words, model.syn0), eval_dir)
+
+
+def main() -> int:
+    args = parse_args()
+    import dataclasses
+
+    import torch
+
+    from lmpipe import word2vec
+
+    if not torch.cuda.is_available():
+        print("no CUDA device: this benchmark needs a GPU (benchmarks/word2vec_bench.py measures the CPU engine)")
+        return 1
+    t0 = time.perf_counter()
+    vocab, corpus = word2vec.prepare(read_sentences(args.file, args.max_lines), 5)
+    print(f"tokenized {int(corpus[1][-1]):,} words, {len(vocab[0]):,} types in {time.perf_counter() - t0:.0f}s")
+    base = word2vec.Word2VecSettings(sg=args.variant.startswith("sg"), hs=args.variant.endswith("hs"),
+                                     epochs=args.epochs, device="cuda", report_words=5_000_000)
+    word2vec.train([["a", "b", "c"]] * 50, dataclasses.replace(base, min_count=1, epochs=1))  # warm-up
+    rows = []
+    for bp in args.batch_pairs:
+        print(f"GPU, {bp:,} examples per step", flush=True)
+        rows.append(run(dataclasses.replace(base, batch_pairs=bp), vocab, corpus, args.eval_dir))
+        print(json.dumps(rows[-1]), flush=True)
+    if not args.no_cpu:
+        threads = os.cpu_count() or 1
+        print(f"CPU engine, {threads} threads", flush=True)
+        word2vec.train([["a", "b", "c"]] * 50, dataclasses.replace(base, device="cpu", min_count=1, epochs=1))
+        rows.append(run(dataclasses.replace(base, device="cpu", threads=threads), vocab, corpus, args.eval_dir))
+        print(json.dumps(rows[-1]), flush=True)
+    result = {"corpus": str(args.file), "variant": args.variant, "epochs": args.epochs,
+              "gpu": torch.cuda.get_device_name(), "rows": rows}
+    args.json.write_text(json.dumps(result, indent=2), encoding="utf-8")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

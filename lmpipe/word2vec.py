@@ -1,0 +1,567 @@
+"""word2vec (Mikolov et al. 2013): skip-gram and CBOW, negative sampling and hierarchical softmax.
+
+- Skip-gram predicts each word of a centre's window from the centre; CBOW predicts the centre from the
+  sum or mean of its window ("Efficient Estimation of Word Representations in Vector Space", 2013).
+- Negative sampling: -log σ(u_o·v) - Σ_k log σ(-u_k·v) with k noise words drawn from the unigram
+  distribution raised to 3/4 ("Distributed Representations of Words and Phrases", 2013, eq. 4).
+- Hierarchical softmax: the output word is a leaf of a Huffman tree over the vocabulary; its
+  probability is the product of σ(±u_n·v) along the path from the root (Morin & Bengio 2005).
+- Subsampling keeps an occurrence of word w with probability (√(f/(t·T)) + 1)·(t·T)/f, capped at 1,
+  where f is w's train count and T the train words (the formula word2vec.c uses; the paper's is
+  1 - √(t/(f/T))). Each centre draws its window b from 1..window (the "dynamic window").
+- The learning rate decays linearly from ``alpha`` to ``alpha * min_alpha_ratio`` over all epochs.
+
+Two engines train the same model: numba kernels on the CPU, where threads update the shared matrices
+without locks over chunks of sentences (Hogwild, Recht et al. 2011) as word2vec.c and gensim do, and
+PyTorch on a GPU with large batches of examples. The loss is reported through a callback during
+training and per epoch.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numba
+import numpy as np
+import torch
+from numba import njit, prange
+
+UNIGRAM_POWER = 0.75
+TABLE_SIZE = 10_000_000  # noise table entries (word2vec.c uses 1e8; 1e7 is as exact for vocabularies < 1M)
+MAX_SENTENCE = 10_000  # longer sentences are cut into pieces of this many words (word2vec.c: 1000)
+CHUNK_WORDS = 10_000  # words per Hogwild work item
+
+
+@dataclass(frozen=True)
+class Word2VecSettings:
+    """Hyper-parameters of one word2vec model (word2vec.c's flags by another name)."""
+
+    sg: bool = True  # skip-gram (True) or CBOW
+    hs: bool = False  # hierarchical softmax (True) or negative sampling
+    dim: int = 100
+    window: int = 5
+    negative: int = 5
+    cbow_mean: bool = True
+    sample: float = 1e-3
+    min_count: int = 5
+    epochs: int = 5
+    alpha: float = 0.0  # 0: 0.025 for skip-gram, 0.05 for CBOW
+    min_alpha_ratio: float = 1e-4
+    seed: int = 1
+    threads: int = 0  # 0: all cores
+    device: str = "cpu"  # "cpu" or a torch device such as "cuda"
+    engine: str = "auto"  # "numba" (CPU), "torch" (any device); auto: numba on "cpu", torch elsewhere
+    batch_pairs: int = 1 << 20  # GPU examples per step
+    report_words: int = 1_000_000  # call the progress callback about every this many words
+
+    @property
+    def start_alpha(self) -> float:
+        return self.alpha or (0.025 if self.sg else 0.05)
+
+    @property
+    def name(self) -> str:
+        return f"{'sg' if self.sg else 'cbow'}-{'hs' if self.hs else 'ns'}"
+
+
+@dataclass
+class Word2VecModel:
+    """Trained word2vec: the input vectors (the word vectors) and the output weights."""
+
+    words: list[str]
+    counts: np.ndarray  # (V,) train counts
+    syn0: np.ndarray  # (V, dim) input vectors
+    syn1: np.ndarray  # (V, dim) output vectors: noise-word weights (NS) or inner-node weights (HS)
+    settings: Word2VecSettings
+    history: list[dict[str, float]] = field(default_factory=list)  # one record per epoch
+
+
+Progress = Callable[[dict[str, float]], None]
+EpochDone = Callable[[int, dict[str, float], "Word2VecModel"], None]
+
+
+# ----------------------------------------------------------------------------------------------
+# vocabulary-side tables: subsampling, noise distribution, Huffman tree
+
+
+def keep_probabilities(counts: np.ndarray, sample: float) -> np.ndarray:
+    """P(keep) per word: (√(f/(t·T)) + 1)·(t·T)/f capped at 1 (word2vec.c); all 1 when t = 0."""
+    counts = np.asarray(counts, np.float64)
+    if sample <= 0:
+        return np.ones(len(counts), np.float32)
+    threshold = sample * counts.sum()
+    p = (np.sqrt(counts / threshold) + 1) * threshold / np.maximum(counts, 1)
+    return np.minimum(p, 1.0).astype(np.float32)
+
+
+def noise_table(counts: np.ndarray, size: int = 0, power: float = UNIGRAM_POWER) -> np.ndarray:
+    """Word ids laid out so that a uniform draw from the table follows count^power (normalised).
+
+    ``size`` 0 picks 100 entries per word, at least 1,000 and at most ``TABLE_SIZE``.
+    """
+    weights = np.asarray(counts, np.float64) ** power
+    size = size or int(min(TABLE_SIZE, max(1000, 100 * len(counts))))
+    cum = np.cumsum(weights / weights.sum())
+    return np.minimum(np.searchsorted(cum, (np.arange(size) + 0.5) / size), len(counts) - 1).astype(np.int32)
+
+
+def huffman_tree(counts: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Huffman codes and paths of every word: (codes (V, L) uint8, points (V, L) int32, lengths (V,)).
+
+    Inner node j (0..V-2) has output vector syn1[j]; the root is V-2. ``points[w, :len]`` lists the inner
+    nodes from the root to w's leaf and ``codes[w, :len]`` the branch taken at each (1: the branch of
+    the larger subtree, as in word2vec.c). Ties between equal counts go to the lower id first.
+    """
+    v = len(counts)
+    if v < 2:
+        return np.zeros((v, 1), np.uint8), np.zeros((v, 1), np.int32), np.zeros(v, np.int32)
+    heap = [(int(c), i, i) for i, c in enumerate(counts)]  # (count, tie-break order, node id)
+    heapq.heapify(heap)
+    parent = np.zeros(2 * v - 1, np.int64)
+    branch = np.zeros(2 * v - 1, np.uint8)
+    order = v
+    for j in range(v - 1):
+        c1, _, n1 = heapq.heappop(heap)
+        c2, _, n2 = heapq.heappop(heap)
+        node = v + j
+        parent[n1], parent[n2], branch[n2] = node, node, 1
+        heapq.heappush(heap, (c1 + c2, order, node))
+        order += 1
+    root = 2 * v - 2
+    paths = []
+    for w in range(v):
+        nodes, bits, n = [], [], w
+        while n != root:
+            bits.append(branch[n])
+            n = parent[n]
+            nodes.append(n - v)
+        paths.append((nodes[::-1], bits[::-1]))
+    length = max(len(p) for p, _ in paths)
+    codes = np.zeros((v, length), np.uint8)
+    points = np.zeros((v, length), np.int32)
+    lengths = np.array([len(p) for p, _ in paths], np.int32)
+    for w, (nodes, bits) in enumerate(paths):
+        points[w, : len(nodes)] = nodes
+        codes[w, : len(bits)] = bits
+    return codes, points, lengths
+
+
+def build_vocab(counts: dict[str, int], min_count: int) -> tuple[list[str], np.ndarray]:
+    """Words seen at least ``min_count`` times, by descending count (ties alphabetical), with their counts."""
+    kept = sorted(((w, c) for w, c in counts.items() if c >= min_count), key=lambda wc: (-wc[1], wc[0]))
+    return [w for w, _ in kept], np.array([c for _, c in kept], np.int64)
+
+
+def encode_corpus(sentences: Sequence[Sequence[str]], index: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(ids int32, sentence starts int64 with a final end offset); unknown words are dropped, as in word2vec.c."""
+    ids, starts, n = [], [0], 0
+    for sent in sentences:
+        enc = [index[w] for w in sent if w in index]
+        for i in range(0, len(enc), MAX_SENTENCE):
+            piece = enc[i : i + MAX_SENTENCE]
+            ids.extend(piece)
+            n += len(piece)
+            starts.append(n)
+    return np.array(ids, np.int32), np.array(starts, np.int64)
+
+
+def prepare(sentences: Iterable[Sequence[str]], min_count: int) -> tuple[tuple[list[str], np.ndarray],
+                                                                          tuple[np.ndarray, np.ndarray]]:
+    """Vocabulary and encoded corpus in one pass over ``sentences`` (a stream: nothing but ids is kept).
+
+    Words get provisional ids in order of appearance; once all are counted, a lookup array maps them to
+    the final ids (by descending count) or drops them (below ``min_count``).
+    """
+    first: dict[str, int] = {}
+    chunks, starts, n = [], [0], 0
+    for sent in sentences:
+        ids = [first.setdefault(w, len(first)) for w in sent]
+        for i in range(0, len(ids), MAX_SENTENCE):
+            piece = ids[i : i + MAX_SENTENCE]
+            chunks.append(np.array(piece, np.int32))
+            n += len(piece)
+            starts.append(n)
+    raw = np.concatenate(chunks) if chunks else np.zeros(0, np.int32)
+    counts = np.bincount(raw, minlength=len(first))
+    words = list(first)
+    order = sorted((i for i in range(len(words)) if counts[i] >= min_count), key=lambda i: (-counts[i], words[i]))
+    lookup = np.full(len(words) + 1, -1, np.int64)
+    lookup[order] = np.arange(len(order))
+    mapped = lookup[raw]
+    keep = mapped >= 0
+    kept_before = np.concatenate([[0], np.cumsum(keep)])
+    new_starts = kept_before[np.array(starts, np.int64)]
+    sentence_ok = np.diff(new_starts) > 0  # drop sentences left empty
+    new_starts = np.concatenate([[0], new_starts[1:][sentence_ok]])
+    vocab = ([words[i] for i in order], counts[order].astype(np.int64))
+    return vocab, (mapped[keep].astype(np.int32), new_starts.astype(np.int64))
+
+
+# ----------------------------------------------------------------------------------------------
+# the CPU engine: numba kernels
+
+
+@njit(inline="always", cache=True)
+def _rand(state: np.uint64) -> np.uint64:
+    return state * np.uint64(25214903917) + np.uint64(11)  # word2vec.c's linear congruential generator
+
+
+@njit(fastmath=True, inline="always", cache=True)
+def _sigmoid_and_loss(f: float, label: float) -> tuple[float, float]:
+    """(σ(f), -log σ(±f)) with one exp and no overflow; the sign is + for label 1, - for label 0."""
+    e = math.exp(-abs(f))
+    sig = 1.0 / (1.0 + e) if f >= 0 else e / (1.0 + e)
+    signed = f if label == 1.0 else -f  # -log σ(x) = max(-x, 0) + log(1 + e^-|x|)
+    return sig, max(-signed, 0.0) + math.log1p(e)
+
+
+@njit(fastmath=True, cache=True)
+def _output_step(h, target, syn1, syn1neg, codes, points, lengths, table, negative, hs, alpha, grad, state):
+    """One prediction of ``target`` from hidden vector h: update output weights, add dLoss/dh·(-alpha) to grad.
+
+    Returns (loss, rng state). Loss: hierarchical softmax -Σ log σ(±u_n·h) along the path, or negative
+    sampling -log σ(u_o·h) - Σ_k log σ(-u_k·h).
+    """
+    dim = h.shape[0]
+    loss = 0.0
+    if hs:
+        for d in range(lengths[target]):
+            node = points[target, d]
+            f = np.float32(0.0)  # float32 throughout lets the loops vectorise
+            for j in range(dim):
+                f += h[j] * syn1[node, j]
+            label = 1.0 - codes[target, d]  # code 0: the path goes where σ(f) points, code 1: σ(-f)
+            sig, step = _sigmoid_and_loss(f, label)
+            loss += step
+            g = np.float32(alpha * (label - sig))
+            for j in range(dim):
+                grad[j] += g * syn1[node, j]
+                syn1[node, j] += g * h[j]
+    else:
+        for d in range(negative + 1):
+            if d == 0:
+                word, label = target, 1.0
+            else:
+                state = _rand(state)
+                word, label = table[(state >> np.uint64(16)) % np.uint64(table.shape[0])], 0.0
+                if word == target:
+                    continue
+            f = np.float32(0.0)  # float32 throughout lets the loops vectorise
+            for j in range(dim):
+                f += h[j] * syn1neg[word, j]
+            sig, step = _sigmoid_and_loss(f, label)
+            loss += step
+            g = np.float32(alpha * (label - sig))
+            for j in range(dim):
+                grad[j] += g * syn1neg[word, j]
+                syn1neg[word, j] += g * h[j]
+    return loss, state
+
+
+@njit(fastmath=True, cache=True)
+def _train_sentence(sent, syn0, syn1, syn1neg, codes, points, lengths, table, sg, cbow_mean, window, negative, hs,
+                    alpha, h, grad, state):
+    """Train on one (subsampled) sentence; returns (loss sum, examples, rng state)."""
+    dim = syn0.shape[1]
+    n = sent.shape[0]
+    loss, examples = 0.0, 0
+    for i in range(n):
+        state = _rand(state)
+        b = int((state >> np.uint64(16)) % np.uint64(window))  # dynamic window: window - b words each side
+        lo, hi = max(0, i - window + b), min(n, i + window - b + 1)
+        if sg:
+            for c in range(lo, hi):
+                if c == i:
+                    continue
+                src = sent[c]  # word2vec.c's pair order: the context word's vector predicts the centre
+                grad[:] = 0.0
+                step, state = _output_step(syn0[src], sent[i], syn1, syn1neg, codes, points, lengths, table,
+                                           negative, hs, alpha, grad, state)
+                loss += step
+                examples += 1
+                for j in range(dim):
+                    syn0[src, j] += grad[j]
+        else:
+            h[:] = 0.0
+            cw = 0
+            for c in range(lo, hi):
+                if c != i:
+                    cw += 1
+                    for j in range(dim):
+                        h[j] += syn0[sent[c], j]
+            if cw == 0:
+                continue
+            scale = 1.0 / cw if cbow_mean else 1.0
+            for j in range(dim):
+                h[j] *= scale
+            grad[:] = 0.0
+            step, state = _output_step(h, sent[i], syn1, syn1neg, codes, points, lengths, table, negative, hs,
+                                       alpha, grad, state)
+            loss += step
+            examples += 1
+            for c in range(lo, hi):  # dLoss/d v_c = scale · dLoss/dh (gensim's cbow_mean rule)
+                if c != i:
+                    for j in range(dim):
+                        syn0[sent[c], j] += scale * grad[j]
+    return loss, examples, state
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _train_chunks(ids, starts, chunk_bounds, keep, syn0, syn1, syn1neg, codes, points, lengths, table, sg, cbow_mean,
+                  window, negative, hs, alpha0, alpha_end, words_done, words_total, seed):
+    """Train on sentence chunks in parallel (Hogwild); returns per-chunk (loss sum, examples, kept words)."""
+    n_chunks = chunk_bounds.shape[0] - 1
+    out = np.zeros((n_chunks, 3))
+    dim = syn0.shape[1]
+    for k in prange(n_chunks):
+        state = np.uint64(seed) * np.uint64(1_000_003) + np.uint64(k) * np.uint64(7919) + np.uint64(1)
+        buf = np.empty(MAX_SENTENCE, np.int32)
+        h = np.zeros(dim, syn0.dtype)
+        grad = np.zeros(dim, syn0.dtype)
+        s0, s1 = chunk_bounds[k], chunk_bounds[k + 1]
+        for s in range(s0, s1):
+            # learning rate from global progress at this sentence (linear decay, word2vec.c)
+            progress = (words_done + starts[s] - starts[chunk_bounds[0]]) / words_total
+            alpha = max(alpha0 - (alpha0 - alpha_end) * progress, alpha_end)
+            m = 0
+            for p in range(starts[s], starts[s + 1]):
+                w = ids[p]
+                state = _rand(state)
+                if keep[w] < 1.0 and keep[w] < ((state & np.uint64(0xFFFF)) / 65536.0):
+                    continue  # subsampled away
+                buf[m] = w
+                m += 1
+            loss, ex, state = _train_sentence(buf[:m], syn0, syn1, syn1neg, codes, points, lengths, table, sg,
+                                              cbow_mean, window, negative, hs, alpha, h, grad, state)
+            out[k, 0] += loss
+            out[k, 1] += ex
+            out[k, 2] += m
+    return out
+
+
+def sg_pair_update(syn0: np.ndarray, syn1: np.ndarray, syn1neg: np.ndarray, src: int, target: int,
+                   codes: np.ndarray, points: np.ndarray, lengths: np.ndarray, table: np.ndarray, negative: int,
+                   hs: bool, alpha: float, seed: int = 1) -> float:
+    """One skip-gram SGD step of the CPU kernel on (``src`` → ``target``), in place; returns the loss before it."""
+    grad = np.zeros(syn0.shape[1], syn0.dtype)
+    loss, _ = _output_step(syn0[src], target, syn1, syn1neg, codes, points, lengths, table, negative, hs, alpha,
+                           grad, np.uint64(seed))
+    syn0[src] += grad
+    return float(loss)
+
+
+def cbow_update(syn0: np.ndarray, syn1: np.ndarray, syn1neg: np.ndarray, sentence: np.ndarray, codes: np.ndarray,
+                points: np.ndarray, lengths: np.ndarray, table: np.ndarray, negative: int, hs: bool, cbow_mean: bool,
+                window: int, alpha: float, seed: int = 1) -> float:
+    """CBOW SGD steps of the CPU kernel over ``sentence`` (no subsampling), in place; returns the loss sum."""
+    h = np.zeros(syn0.shape[1], syn0.dtype)
+    grad = np.zeros(syn0.shape[1], syn0.dtype)
+    loss, _, _ = _train_sentence(np.asarray(sentence, np.int32), syn0, syn1, syn1neg, codes, points, lengths, table,
+                                 False, cbow_mean, window, negative, hs, alpha, h, grad, np.uint64(seed))
+    return float(loss)
+
+
+def _chunk_bounds(starts: np.ndarray, chunk_words: int) -> np.ndarray:
+    """Sentence indices cutting the corpus into chunks of about ``chunk_words`` words."""
+    targets = np.arange(0, starts[-1], chunk_words)
+    cuts = np.unique(np.searchsorted(starts, targets, side="left"))
+    return np.unique(np.concatenate([cuts, [len(starts) - 1]])).astype(np.int64)
+
+
+def _train_cpu(model: Word2VecModel, ids: np.ndarray, starts: np.ndarray, tables: tuple, progress: Progress | None,
+               epoch_done: EpochDone | None) -> None:
+    s = model.settings
+    threads = s.threads or os.cpu_count() or 1
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    keep, table, codes, points, lengths = tables
+    bounds = _chunk_bounds(starts, CHUNK_WORDS)
+    total = max(int(starts[-1]) * s.epochs, 1)
+    block = max(1, s.report_words // CHUNK_WORDS)  # chunks per kernel call: one progress report each
+    done, t0 = 0, time.perf_counter()
+    for epoch in range(s.epochs):
+        sums, t_epoch = np.zeros(3), time.perf_counter()
+        for b0 in range(0, len(bounds) - 1, block * threads):
+            cb = bounds[b0 : b0 + block * threads + 1]
+            out = _train_chunks(ids, starts, cb, keep, model.syn0, model.syn1, model.syn1, codes, points, lengths,
+                                table, s.sg, s.cbow_mean, s.window, s.negative, s.hs, s.start_alpha,
+                                s.start_alpha * s.min_alpha_ratio, done, total, s.seed + epoch * 100_003 + b0)
+            done += int(starts[cb[-1]] - starts[cb[0]])
+            sums += out.sum(axis=0)
+            if progress is not None:
+                progress(_report(epoch, out.sum(axis=0), done, total, t0, s))
+        record = _report(epoch, sums, done, total, t0, s) | {"epoch_seconds": time.perf_counter() - t_epoch}
+        model.history.append(record)
+        if epoch_done is not None:
+            epoch_done(epoch, record, model)
+
+
+def _report(epoch: int, sums: np.ndarray, done: int, total: int, t0: float, s: Word2VecSettings) -> dict[str, float]:
+    elapsed = time.perf_counter() - t0
+    alpha = s.start_alpha - (s.start_alpha - s.start_alpha * s.min_alpha_ratio) * min(done / total, 1.0)
+    return {"epoch": float(epoch), "loss": float(sums[0] / max(sums[1], 1)), "examples": float(sums[1]),
+            "words_done": float(done), "progress": done / total, "alpha": alpha,
+            "words_per_s": done / elapsed if elapsed > 0 else 0.0}
+
+
+# ----------------------------------------------------------------------------------------------
+# the GPU engine: PyTorch, large batches (the same losses, written as tensor functions)
+
+
+def ns_loss(v_in: torch.Tensor, u_out: torch.Tensor, u_neg: torch.Tensor, neg_mask: torch.Tensor | None = None
+            ) -> torch.Tensor:
+    """Negative-sampling loss per example: -log σ(u_o·v) - Σ_k log σ(-u_k·v). Shapes (B, D), (B, D), (B, K, D)."""
+    pos = torch.nn.functional.logsigmoid((v_in * u_out).sum(-1))  # (B,)
+    neg = torch.nn.functional.logsigmoid(-torch.einsum("bd,bkd->bk", v_in, u_neg))  # (B, K)
+    if neg_mask is not None:
+        neg = neg * neg_mask
+    return -(pos + neg.sum(-1))
+
+
+def hs_loss(v_in: torch.Tensor, u_nodes: torch.Tensor, codes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Hierarchical-softmax loss per example: -Σ_n log σ((1 - 2·code_n)·u_n·v) over the path (mask: real nodes)."""
+    f = torch.einsum("bd,bld->bl", v_in, u_nodes)  # (B, L)
+    return -(torch.nn.functional.logsigmoid((1 - 2 * codes) * f) * mask).sum(-1)
+
+
+def _gpu_batches(ids: torch.Tensor, sent: torch.Tensor, keep: torch.Tensor, window: int, gen: torch.Generator,
+                 batch: int):
+    """Yield (centre positions, context matrix (B, 2W) with -1 padding) of subsampled tokens, shuffled."""
+    kept = torch.rand(ids.shape[0], device=ids.device, generator=gen) < keep[ids]
+    tok, snt = ids[kept], sent[kept]
+    n = tok.shape[0]
+    offsets = torch.cat([torch.arange(-window, 0), torch.arange(1, window + 1)]).to(ids.device)  # (2W,)
+    order = torch.randperm(n, device=ids.device, generator=gen)
+    for b0 in range(0, n, batch):
+        pos = order[b0 : b0 + batch]
+        b = torch.randint(0, window, (pos.shape[0], 1), device=ids.device, generator=gen)
+        ctx = pos[:, None] + offsets[None, :]  # (B, 2W)
+        ok = (ctx >= 0) & (ctx < n) & (offsets.abs()[None, :] <= window - b)
+        ctx = ctx.clamp(0, n - 1)
+        ok &= snt[ctx] == snt[pos][:, None]
+        yield tok[pos], torch.where(ok, tok[ctx], torch.full_like(ctx, -1)), int(kept.sum())
+
+
+def _gpu_step(model_t: dict[str, torch.Tensor], centre: torch.Tensor, ctx: torch.Tensor, s: Word2VecSettings,
+              alpha: float, gen: torch.Generator) -> tuple[float, int]:
+    """One batched SGD step (summed per-example gradients, as Hogwild applies them); returns (loss sum, examples)."""
+    syn0, syn1 = model_t["syn0"], model_t["syn1"]
+    if s.sg:  # every (context → centre) pair is an example
+        valid = ctx >= 0
+        src = ctx[valid]
+        tgt = centre[:, None].expand_as(ctx)[valid]
+        scale = None
+    else:
+        valid = ctx >= 0
+        cw = valid.sum(1)
+        keep_rows = cw > 0
+        ctx, valid, cw, tgt = ctx[keep_rows], valid[keep_rows], cw[keep_rows], centre[keep_rows]
+        scale = (1.0 / cw.float())[:, None] if s.cbow_mean else torch.ones(len(cw), 1, device=ctx.device)
+        src = None
+    if (src if src is not None else tgt).numel() == 0:
+        return 0.0, 0
+    h = syn0[src] if s.sg else (syn0[ctx.clamp(min=0)] * valid[..., None]).sum(1) * scale  # (B, D)
+    h = h.detach().requires_grad_(True)
+    if s.hs:
+        nodes = model_t["points"][tgt].long()
+        u = syn1[nodes].detach().requires_grad_(True)
+        loss = hs_loss(h, u, model_t["codes"][tgt].to(h.dtype), model_t["pmask"][tgt].to(h.dtype))
+    else:
+        table = model_t["table"]
+        neg = table[torch.randint(0, table.shape[0], (len(tgt), s.negative), device=h.device, generator=gen)].long()
+        nodes = torch.cat([tgt[:, None], neg], 1)  # (B, 1 + K)
+        u = syn1[nodes].detach().requires_grad_(True)
+        loss = ns_loss(h, u[:, 0], u[:, 1:], (neg != tgt[:, None]).to(h.dtype))
+    total = loss.sum()
+    total.backward()
+    with torch.no_grad():
+        syn1.index_add_(0, nodes.reshape(-1), -alpha * u.grad.reshape(-1, u.shape[-1]))
+        if s.sg:
+            syn0.index_add_(0, src, -alpha * h.grad)
+        else:
+            g = (-alpha * h.grad * scale)[:, None, :].expand(-1, ctx.shape[1], -1)[valid]
+            syn0.index_add_(0, ctx[valid], g)
+    return float(total.detach()), len(tgt)
+
+
+def _train_gpu(model: Word2VecModel, ids: np.ndarray, starts: np.ndarray, tables: tuple, progress: Progress | None,
+               epoch_done: EpochDone | None) -> None:
+    s = model.settings
+    dev = torch.device(s.device)
+    keep, table, codes, points, lengths = tables
+    gen = torch.Generator(device=dev)
+    gen.manual_seed(s.seed)
+    t = {"syn0": torch.from_numpy(model.syn0).to(dev), "syn1": torch.from_numpy(model.syn1).to(dev),
+         "table": torch.from_numpy(table).to(dev), "codes": torch.from_numpy(codes.astype(np.int64)).to(dev),
+         "points": torch.from_numpy(points).to(dev),
+         "pmask": torch.arange(codes.shape[1])[None, :] < torch.from_numpy(lengths)[:, None]}
+    t["pmask"] = t["pmask"].to(dev)
+    ids_t = torch.from_numpy(ids.astype(np.int64)).to(dev)
+    sent_t = torch.repeat_interleave(torch.arange(len(starts) - 1), torch.from_numpy(np.diff(starts))).to(dev)
+    keep_t = torch.from_numpy(keep).to(dev)
+    n_words, total = int(starts[-1]), max(int(starts[-1]) * s.epochs, 1)
+    centres = max(1, s.batch_pairs // (s.window if s.sg else 1))  # centres per step
+    t0 = time.perf_counter()
+    for epoch in range(s.epochs):
+        sums, t_epoch, seen = np.zeros(3), time.perf_counter(), 0
+        for centre, ctx, kept in _gpu_batches(ids_t, sent_t, keep_t, s.window, gen, centres):
+            done = epoch * n_words + int(seen / max(kept, 1) * n_words)
+            alpha = max(s.start_alpha * (1 - (1 - s.min_alpha_ratio) * done / total), s.start_alpha * s.min_alpha_ratio)
+            loss, ex = _gpu_step(t, centre, ctx, s, alpha, gen)
+            seen += len(centre)
+            sums += (loss, ex, len(centre))
+            if progress is not None and (seen // centres) % max(1, s.report_words // centres) == 0:
+                progress(_report(epoch, sums, epoch * n_words + int(seen / max(kept, 1) * n_words), total, t0, s))
+        record = _report(epoch, sums, (epoch + 1) * n_words, total, t0, s)
+        record["epoch_seconds"] = time.perf_counter() - t_epoch
+        model.history.append(record)
+        if epoch_done is not None:
+            model.syn0[:], model.syn1[:] = t["syn0"].cpu().numpy(), t["syn1"].cpu().numpy()
+            epoch_done(epoch, record, model)
+    model.syn0[:], model.syn1[:] = t["syn0"].cpu().numpy(), t["syn1"].cpu().numpy()
+
+
+# ----------------------------------------------------------------------------------------------
+# training
+
+
+def train(sentences: Sequence[Sequence[str]] | None = None, settings: Word2VecSettings = Word2VecSettings(), *,
+          vocab: tuple[list[str], np.ndarray] | None = None, corpus: tuple[np.ndarray, np.ndarray] | None = None,
+          progress: Progress | None = None, epoch_done: EpochDone | None = None,
+          ) -> Word2VecModel:
+    """Train word2vec on tokenized ``sentences`` (or a prepared ``vocab`` and encoded ``corpus``).
+
+    ``progress`` receives a record (loss per example so far in the block, words/s, alpha, progress) about
+    every ``settings.report_words`` words; ``epoch_done(epoch, record, model)`` is called after each epoch with the
+    model's vectors current, e.g. to log nearest neighbours.
+    """
+    if vocab is None:
+        counts: dict[str, int] = {}
+        for sent in sentences or ():
+            for w in sent:
+                counts[w] = counts.get(w, 0) + 1
+        vocab = build_vocab(counts, settings.min_count)
+    words, freq = vocab
+    if not words:
+        raise ValueError("word2vec: no word reaches min_count; lower it or give more text")
+    if corpus is None:
+        corpus = encode_corpus(sentences or (), {w: i for i, w in enumerate(words)})
+    ids, starts = corpus
+    rng = np.random.default_rng(settings.seed)
+    # word2vec.c's initialisation: input vectors uniform in ±0.5/dim, output weights zero
+    syn0 = ((rng.random((len(words), settings.dim), dtype=np.float32) - 0.5) / settings.dim).astype(np.float32)
+    syn1 = np.zeros((max(len(words) - 1, 1) if settings.hs else len(words), settings.dim), np.float32)
+    model = Word2VecModel(list(words), np.asarray(freq), syn0, syn1, settings)
+    if settings.hs:
+        (codes, points, lengths), table = huffman_tree(freq), np.zeros(1, np.int32)
+    else:
+        codes, points, lengths = np.zeros((1, 1), np.uint8), np.zeros((1, 1), np.int32), np.zeros(1, np.int32)
+        table = noise_table(freq)
+    tables = (keep_probabilities(freq, settings.sample), table, codes, points, lengths)
+    use_numba = settings.engine == "numba" or (settings.engine == "auto" and settings.device == "cpu")
+    engine = _train_cpu if use_numba else _train_gpu
+    engine(model, ids, starts, tables, progress, epoch_done)
+    return model
