@@ -1,0 +1,311 @@
+"""A decoder-only Transformer (GPT), readable top to bottom: attention → MLP → block → config → model.
+
+Pre-norm residual blocks (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners"),
+causal self-attention through ``F.scaled_dot_product_attention`` (flash kernels on GPU), a GELU MLP,
+learned or rotary positions (Su et al. 2021, "RoFormer", arXiv:2104.09864), tied input/output
+embeddings and GPT-2 initialisation. :meth:`GPT.generate` samples with a KV cache, batched, with
+temperature, top-k and top-p (Holtzman et al. 2019, arXiv:1904.09751), stopping at end-of-text.
+
+Every forward takes optional ``positions`` (B, T) and a boolean ``attn_mask`` (B, 1, T, T_keys), True
+where a query may attend, so callers can left-pad prompts or pack several examples into one row.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class KVCache:
+    """Keys and values of every layer for up to ``max_len`` positions, filled as generation advances."""
+
+    def __init__(self, n_layer: int, batch: int, n_head: int, max_len: int, head_dim: int,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        shape = (n_layer, batch, n_head, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0  # positions filled so far (all layers)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's (B, H, T, D) keys and values; return everything cached for ``layer``."""
+        end = self.pos + k.size(2)
+        self.k[layer, :, :, self.pos : end] = k
+        self.v[layer, :, :, self.pos : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+def rope_tables(block_size: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables (block_size, head_dim) in the rotate-half layout (RoFormer eq. 34)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    freqs = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)  # (T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (T, D)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the pairs (x_i, x_{i+D/2}) of ``x`` (B, H, T, D) by position-dependent angles."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head masked self-attention (Vaswani et al. 2017): each position attends to itself and earlier ones."""
+
+    def __init__(self, config: GPTConfig, layer: int) -> None:
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.layer = layer
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                attn_mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, H, T_keys, D)
+        # Without a mask, queries are causal over keys; a decode step (T == 1) sees the whole cache.
+        is_causal = attn_mask is None and T > 1
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: expand 4x, GELU (Hendrycks & Gimpel 2016), project back."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()  # exact (erf) GELU, as Hugging Face's "gelu"
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: GPTConfig, layer: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                attn_mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, attn_mask, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for faster matmuls
+    block_size: int = 1024  # longest context
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = False  # biases in Linear and LayerNorm layers
+    positions: Literal["learned", "rope"] = "learned"
+    rope_theta: float = 10000.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """Sampled continuations: ``tokens`` (B, N) padded with ``pad_id`` after each row stops."""
+
+    tokens: torch.Tensor  # (B, N) new tokens, the end-of-text token included where one was sampled
+    lengths: torch.Tensor  # (B,) new tokens per row, end-of-text included
+    finished: torch.Tensor  # (B,) True where the row emitted end-of-text
+
+    def as_lists(self, drop_eot: bool = True) -> list[list[int]]:
+        """Each row's new tokens as a list, without the final end-of-text unless ``drop_eot`` is False."""
+        out = []
+        for row, n, done in zip(self.tokens.tolist(), self.lengths.tolist(), self.finished.tolist(), strict=True):
+            out.append(row[: n - 1] if done and drop_eot else row[:n])
+        return out
+
+
+class GPT(nn.Module):
+    """Token (+ learned position) embeddings → n_layer pre-norm blocks → final LayerNorm → tied LM head."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        if config.positions == "rope" and (config.n_embd // config.n_head) % 2:
+            raise ValueError("rotary positions need an even head dimension (n_embd / n_head)")
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.positions == "learned" else None
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # weight tying (Press & Wolf 2017, arXiv:1608.05859)
+        if config.positions == "rope":
+            cos, sin = rope_tables(config.block_size, config.n_embd // config.n_head, config.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer) so the residual stream's
+        # variance does not grow with depth (two residual additions per block).
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; by default without position embeddings (token embeddings count, being tied)."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.wpe.weight.numel() if non_embedding and self.wpe is not None else n
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token: 6N for the matmuls plus attention (PaLM, arXiv:2204.02311, app. B)."""
+        c = self.config
+        return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * c.block_size
+
+    def hidden(self, idx: torch.Tensor, positions: torch.Tensor | None = None,
+               attn_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """Final-layer-normed hidden states (B, T, C) of token ids ``idx`` (B, T)."""
+        B, T = idx.size()
+        start = cache.pos if cache is not None else 0
+        if positions is None:
+            if start + T > self.config.block_size:
+                raise ValueError(f"sequence of length {start + T} exceeds block_size {self.config.block_size}")
+            positions = torch.arange(start, start + T, device=idx.device)  # (T,)
+        if cache is not None and attn_mask is None and start > 0 and T > 1:
+            # several new queries after a filled cache: each sees the cache and the new tokens up to itself
+            attn_mask = torch.ones(T, start + T, dtype=torch.bool, device=idx.device).tril(start)[None, None]
+        x = self.wte(idx)  # (B, T, C)
+        rope = None
+        if self.wpe is not None:
+            x = x + self.wpe(positions)
+        else:
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (T, D) or (B, T, D)
+            rope = (cos, sin) if cos.dim() == 2 else (cos.unsqueeze(1), sin.unsqueeze(1))
+        x = self.drop(x)
+        for block in self.h:
+            x = block(x, rope, attn_mask, cache)
+        if cache is not None:
+            cache.pos = start + T
+        return self.ln_f(x)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
+                positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+                ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, V) and, with ``targets`` (B, T), the mean cross-entropy over targets != ignore_index."""
+        logits = self.lm_head(self.hidden(idx, positions, attn_mask))
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]] | torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, eot_id: int | None = 0, pad_id: int = 1,
+                 generator: torch.Generator | None = None) -> Generation:
+        """Sample up to ``max_new_tokens`` after each prompt, batched, with a KV cache.
+
+        Prompts of different lengths are left-padded and masked; a prompt longer than
+        ``block_size - max_new_tokens`` keeps its last tokens. ``temperature == 0`` is greedy decoding.
+        A row stops at ``eot_id``; later positions hold ``pad_id``. Dropout is off while generating.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            return self._generate(prompts, max_new_tokens, temperature, top_k, top_p, eot_id, pad_id, generator)
+        finally:
+            self.train(was_training)
+
+    def _generate(self, prompts: list[list[int]] | torch.Tensor, max_new_tokens: int, temperature: float,
+                  top_k: int | None, top_p: float | None, eot_id: int | None, pad_id: int,
+                  generator: torch.Generator | None) -> Generation:
+        if not 0 < max_new_tokens < self.config.block_size:
+            raise ValueError(f"max_new_tokens must be in [1, {self.config.block_size - 1}]")
+        rows = prompts.tolist() if isinstance(prompts, torch.Tensor) else [list(p) for p in prompts]
+        keep = self.config.block_size - max_new_tokens
+        rows = [r[-keep:] for r in rows]
+        if any(len(r) == 0 for r in rows):
+            raise ValueError("every prompt needs at least one token (start with end-of-text for an empty prompt)")
+        device = self.wte.weight.device
+        B, P = len(rows), max(len(r) for r in rows)
+        idx = torch.tensor([[pad_id] * (P - len(r)) + r for r in rows], device=device)  # (B, P) left-padded
+        valid = torch.zeros(B, P + max_new_tokens, dtype=torch.bool, device=device)
+        for i, r in enumerate(rows):
+            valid[i, P - len(r) :] = True
+        padded = bool((~valid[:, :P]).any())
+        positions = (valid.long().cumsum(1) - 1).clamp(min=0)  # each row's positions start at 0
+        cfg = self.config
+        cache = KVCache(cfg.n_layer, B, cfg.n_head, P + max_new_tokens, cfg.n_embd // cfg.n_head,
+                        device, self.wte.weight.dtype)
+        mask = None
+        if padded:
+            causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
+            # a padding query attends to itself only, so no row of the mask is empty (which gives NaN)
+            mask = (causal & valid[:, None, None, :P]) | torch.eye(P, dtype=torch.bool, device=device)
+        h = self.hidden(idx, positions[:, :P] if padded else None, mask, cache)[:, -1]  # (B, C)
+        out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+        lengths = torch.zeros(B, dtype=torch.long, device=device)
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        for t in range(max_new_tokens):
+            nxt = sample_next(self.lm_head(h).float(), temperature, top_k, top_p, generator)  # (B,)
+            alive = ~finished
+            out[:, t] = torch.where(alive, nxt, torch.full_like(nxt, pad_id))
+            lengths += alive.long()
+            if eot_id is not None:
+                finished |= alive & (nxt == eot_id)
+            if bool(finished.all()) or t == max_new_tokens - 1:
+                break
+            step_mask = valid[:, None, None, : P + t + 1] if padded else None
+            pos = positions[:, P + t : P + t + 1] if padded else None
+            h = self.hidden(out[:, t : t + 1], pos, step_mask, cache)[:, -1]
+        return Generation(out, lengths, finished)
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token id per row of ``logits`` (B, V): greedy at temperature 0, else top-k / top-p sampling."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # drop a token when the tokens ranked above it already hold top_p of the mass (the first always stays)
+        drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -1,0 +1,96 @@
+"""Data parallelism: two CPU processes (gloo) train replicas that stay identical and match one process."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+
+from lmpipe.gpt import GPT, GPTConfig
+from lmpipe.trainer import Objective, Trainer, TrainSettings, setup_distributed, teardown_distributed
+
+STEPS = 3
+TIMEOUT_S = 120
+
+
+class Rows(Objective):
+    """Rank ``rank`` of ``world`` trains on its slice of one global batch of random rows per step."""
+
+    def __init__(self, rank: int, world: int, per_rank: int = 2):
+        self.rank, self.world, self.per_rank = rank, world, per_rank
+
+    def batches(self, step):
+        rows = torch.randint(0, 64, (self.per_rank * 2, 9), generator=torch.Generator().manual_seed(step))
+        return [rows[self.rank * self.per_rank * 2 // self.world : (self.rank + 1) * self.per_rank * 2 // self.world]]
+
+    def loss(self, model, rows):
+        _, loss = model(rows[:, :-1], rows[:, 1:])
+        return loss, rows[:, :-1].numel()
+
+
+def _model() -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=64, block_size=8, n_layer=2, n_head=2, n_embd=32))
+
+
+def _settings() -> TrainSettings:
+    return TrainSettings(max_steps=STEPS, warmup_steps=1, lr=1e-2, save_every=0, eval_every=0, device="cpu")
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist = setup_distributed("cpu")
+    try:
+        if rank == 1:
+            torch.manual_seed(99)  # a different initialisation: DDP must broadcast rank 0's weights
+        model = _model() if rank == 0 else GPT(_model().config)
+        trainer = Trainer(model, _settings(), Path(out) / "run", dist=dist, progress=False)
+        for step in range(STEPS):
+            trainer.train_step(Rows(rank, world).batches(step), Rows(rank, world).loss, step)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"},
+                  str(Path(out) / f"rank{rank}.safetensors"))
+    finally:
+        teardown_distributed()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_stay_in_sync_and_match_one_process(tmp_path):
+    ctx = mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail(f"DDP workers did not finish within {TIMEOUT_S} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    a, b = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+    # one process on the whole global batch takes the same steps (DDP averages the two halves' gradients)
+    single = _model()
+    trainer = Trainer(single, _settings(), tmp_path / "single", progress=False)
+    for step in range(STEPS):
+        trainer.train_step(Rows(0, 1).batches(step), Rows(0, 1).loss, step)
+    for k, v in single.state_dict().items():
+        if k in a:
+            torch.testing.assert_close(a[k], v, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(a["wte.weight"], _model().wte.weight)  # it did train

@@ -1,0 +1,158 @@
+"""The GPT model: shapes, parameter count, initialisation, causality, masks and KV-cache generation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lmpipe.gpt import GPT, GPTConfig, sample_next
+
+torch.set_num_threads(1)
+
+
+def tiny(positions: str = "learned", **kw) -> GPT:
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, positions=positions, **kw)
+    return GPT(cfg).eval()
+
+
+def test_parameter_count_by_hand():
+    m = tiny()
+    # wte 64*32 + wpe 16*32 + 2 blocks * (ln 32 + qkv 32*96 + proj 32*32 + ln 32 + fc 32*128 + proj 128*32) + ln_f 32
+    per_block = 32 + 3072 + 1024 + 32 + 4096 + 4096
+    assert m.num_params(non_embedding=False) == 2048 + 512 + 2 * per_block + 32 == 27296
+    assert m.num_params() == 27296 - 512
+    assert m.lm_head.weight is m.wte.weight
+    assert all(lin.bias is None for lin in m.modules() if isinstance(lin, torch.nn.Linear))
+
+
+def test_gpt2_initialisation_scales_residual_projections():
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=512, block_size=16, n_layer=4, n_head=4, n_embd=128))
+    assert m.h[0].attn.c_attn.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert m.h[0].mlp.c_proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(8), rel=0.05)
+    assert m.h[0].attn.c_proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(8), rel=0.05)
+
+
+@pytest.mark.parametrize("positions", ["learned", "rope"])
+def test_initial_loss_is_log_vocab(positions):
+    m = tiny(positions)
+    x, y = torch.randint(0, 64, (4, 16)), torch.randint(0, 64, (4, 16))
+    logits, loss = m(x, y)
+    assert logits.shape == (4, 16, 64)
+    # small init: logits of std ~0.02 * sqrt(32) ≈ 0.1, nearly uniform predictions of unrelated targets
+    assert loss.item() == pytest.approx(math.log(64), abs=0.05)
+
+
+@pytest.mark.parametrize("positions", ["learned", "rope"])
+def test_attention_is_causal(positions):
+    m = tiny(positions)
+    x = torch.randint(0, 64, (1, 12))
+    y = x.clone()
+    y[0, 8:] = (y[0, 8:] + 1) % 64  # change the future only
+    a, _ = m(x)
+    b, _ = m(y)
+    torch.testing.assert_close(a[:, :8], b[:, :8])
+    assert not torch.allclose(a[:, 8:], b[:, 8:])
+
+
+def test_ignore_index_targets_are_skipped():
+    m = tiny()
+    x = torch.randint(0, 64, (2, 8))
+    y = x.clone()
+    y[:, 4:] = -100
+    logits, loss = m(x, y)
+    expected = torch.nn.functional.cross_entropy(logits[:, :4].reshape(-1, 64), x[:, :4].reshape(-1))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("positions", ["learned", "rope"])
+def test_packed_rows_with_block_mask_equal_separate_rows(positions):
+    m = tiny(positions)
+    a, b = torch.randint(0, 64, (1, 5)), torch.randint(0, 64, (1, 7))
+    packed = torch.cat([a, b], 1)
+    doc = torch.tensor([0] * 5 + [1] * 7)
+    mask = (doc[:, None] == doc[None, :]) & torch.ones(12, 12, dtype=torch.bool).tril()
+    positions_ = torch.cat([torch.arange(5), torch.arange(7)])[None]
+    out, _ = m(packed, positions=positions_, attn_mask=mask[None, None])
+    torch.testing.assert_close(out[:, :5], m(a)[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[:, 5:], m(b)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("positions", ["learned", "rope"])
+def test_cached_greedy_generation_matches_full_recomputation(positions):
+    m = tiny(positions)
+    prompt = torch.randint(2, 64, (3, 5))
+    gen = m.generate(prompt, 6, temperature=0, eot_id=None)
+    seq = prompt
+    for _ in range(6):
+        logits, _ = m(seq)
+        seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(gen.tokens, seq[:, 5:])
+    assert gen.lengths.tolist() == [6, 6, 6]
+
+
+@pytest.mark.parametrize("positions", ["learned", "rope"])
+def test_left_padded_batch_equals_one_prompt_at_a_time(positions):
+    m = tiny(positions)
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+    batched = m.generate(prompts, 5, temperature=0, eot_id=None).as_lists()
+    alone = [m.generate([p], 5, temperature=0, eot_id=None).as_lists()[0] for p in prompts]
+    assert batched == alone
+
+
+def test_generation_stops_at_end_of_text_and_pads():
+    m = tiny()
+    prompts = [[5, 6, 7], [9, 3, 4]]
+    free = m.generate(prompts, 4, temperature=0, eot_id=None)
+    stop = int(free.tokens[0, 0])  # declare row 0's first greedy token the end-of-text id
+    gen = m.generate(prompts, 4, temperature=0, eot_id=stop, pad_id=63)
+    assert gen.finished[0] and gen.lengths[0] == 1
+    assert gen.tokens[0].tolist() == [stop, 63, 63, 63]
+    assert gen.as_lists()[0] == [] and gen.as_lists(drop_eot=False)[0] == [stop]
+
+
+def test_long_prompts_keep_their_last_tokens():
+    m = tiny()
+    long = torch.randint(2, 64, (1, 30)).tolist()
+    a = m.generate(long, 4, temperature=0, eot_id=None).as_lists()
+    b = m.generate([long[0][-12:]], 4, temperature=0, eot_id=None).as_lists()
+    assert a == b
+    with pytest.raises(ValueError):
+        m.generate(long, 16)
+
+
+def test_sampling_is_reproducible_with_a_generator():
+    m = tiny()
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    a = m.generate([[1, 2, 3]] * 2, 8, temperature=1.0, top_k=10, generator=g1, eot_id=None)
+    b = m.generate([[1, 2, 3]] * 2, 8, temperature=1.0, top_k=10, generator=g2, eot_id=None)
+    assert torch.equal(a.tokens, b.tokens)
+
+
+def test_top_k_and_top_p_by_hand():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]])).repeat(2000, 1)
+    g = torch.Generator().manual_seed(0)
+    assert sample_next(logits, top_k=1, generator=g).eq(0).all()
+    # top_p = 0.6: token 1 stays (0.5 ranked above it < 0.6), token 2 goes (0.8 ranked above it)
+    drawn = sample_next(logits, top_p=0.6, generator=g)
+    assert set(drawn.tolist()) == {0, 1}
+    assert (drawn == 0).float().mean().item() == pytest.approx(0.5 / 0.8, abs=0.04)
+    assert sample_next(logits, top_p=0.5, generator=g).eq(0).all()  # 0.5 above token 1 already reaches 0.5
+    assert sample_next(logits, temperature=0).eq(0).all()
+
+
+def test_rope_needs_even_head_dim():
+    with pytest.raises(ValueError, match="even head"):
+        GPT(GPTConfig(vocab_size=8, block_size=4, n_layer=1, n_head=2, n_embd=6, positions="rope"))
+
+
+def test_generation_turns_dropout_off_and_restores_train_mode():
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.5))
+    expected = m.eval().generate([[3, 4, 5]], 6, temperature=0, eot_id=None).as_lists()
+    m.train()
+    assert m.generate([[3, 4, 5]], 6, temperature=0, eot_id=None).as_lists() == expected
+    assert m.training
