@@ -1,0 +1,453 @@
+"""Instruction data in the warehouse: the ``instructions`` table, file ingestion and the built-in set.
+
+Table ``instructions``: one (prompt, response) demonstration per row, with its ``source`` and ``split``.
+Multi-turn records keep their earlier turns in ``history`` (JSON) and an optional ``system`` message;
+``prompt`` is then the last user turn and ``response`` the assistant's answer to it.
+
+User files (JSONL, optionally .gz/.zst, or Parquet) hold records in any of the common shapes:
+
+- Alpaca: ``instruction``, optional ``input`` (appended to the instruction after a blank line), ``output``;
+- ``prompt`` and ``response``;
+- ``messages``: a list of ``{role, content}`` with roles system (first, optional), user and assistant
+  alternating, ending with the assistant.
+
+An optional ``split`` field (train, val or test) pins a record's split; otherwise the split comes from
+the md5 of the prompt by the corpus rule (:func:`lmpipe.corpus.split_of`), so every answer to one prompt
+lands in the same split. A record with a missing or empty field or an unknown role is an error naming
+the file and line (row, for Parquet), and nothing from that file is written: each file is read and
+checked completely, then written in one transaction. A file whose content was ingested before is
+skipped; exact duplicate conversations are dropped.
+
+The built-in set needs no file: for every documented object of the built-in corpus (``stdlib_objects``)
+it asks about the object in a few phrasings and answers with the docstring's first paragraph (its first
+sentence when the paragraph is long). Each pair inherits the split of the object's document
+(``documents.split`` joined on ``stdlib_objects.doc_hash = documents.hash``), so objects in val and test
+are never trained on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import json
+import re
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import duckdb
+import pyarrow as pa
+import zstandard
+
+from lmpipe import warehouse
+from lmpipe.chat import ROLES, Message, check_turns, conversation
+from lmpipe.config import IngestConfig
+from lmpipe.corpus import split_of, text_hash
+from lmpipe.sources import IngestError, Source, resolve_sources, source_digest
+from lmpipe.workspace import Workspace
+
+BUILTIN_SOURCE = "builtin:python-stdlib-instructions"
+SPLITS = ("train", "val", "test")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS instruction_sources (
+    uri         VARCHAR NOT NULL,
+    sha256      VARCHAR NOT NULL UNIQUE,
+    records     BIGINT NOT NULL,      -- records read
+    kept        BIGINT NOT NULL,      -- rows written (exact duplicates dropped)
+    ingested_at TIMESTAMPTZ NOT NULL
+);
+CREATE TABLE IF NOT EXISTS instructions (
+    source   VARCHAR NOT NULL,        -- file URI, or the built-in set's name
+    line     INTEGER NOT NULL,        -- line (JSONL) or row (Parquet) of the record; object index (built-in)
+    system   VARCHAR,                 -- system message, if any
+    history  VARCHAR,                 -- JSON list of earlier {role, content} turns, NULL for one turn
+    prompt   VARCHAR NOT NULL,        -- the (last) user turn
+    response VARCHAR NOT NULL,        -- the assistant's answer to it
+    split    VARCHAR NOT NULL,        -- train | val | test
+    hash     VARCHAR NOT NULL,        -- md5 of the whole conversation: exact-dedup key
+    object   VARCHAR                  -- stdlib object asked about (built-in set only)
+);
+"""
+
+# Question phrasings per kind of object; "{name}" is the qualified name.
+PHRASINGS: dict[str, tuple[str, ...]] = {
+    "function": ("What does `{name}` do?", "Explain `{name}`.", "Describe the function `{name}`.",
+                 "What is `{name}` for?"),
+    "method": ("What does `{name}` do?", "Explain `{name}`.", "Describe the method `{name}`.",
+               "What is `{name}` for?"),
+    "class": ("Describe the class `{name}`.", "What is `{name}`?", "Explain `{name}`.",
+              "What is the class `{name}` for?"),
+    "module": ("What is the `{name}` module for?", "Describe the module `{name}`.", "Explain `{name}`.",
+               "What does the module `{name}` provide?"),
+    "property": ("What does the property `{name}` hold?", "Explain `{name}`.", "Describe `{name}`.",
+                 "What is `{name}`?"),
+}
+
+
+@dataclass(frozen=True)
+class Record:
+    """One demonstration, validated."""
+
+    line: int
+    prompt: str
+    response: str
+    system: str | None = None
+    history: tuple[Message, ...] = ()
+    split: str | None = None
+
+    def messages(self) -> list[Message]:
+        return conversation(self.prompt, self.response, self.system, self.history)
+
+    def digest(self) -> str:
+        turns = [[m.role, m.content] for m in self.messages()]
+        return hashlib.md5(json.dumps(turns, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class InstructionReport:
+    """What happened to one instruction source."""
+
+    uri: str
+    status: str  # "ingested", "skipped" (already ingested) or "derived" (the built-in set)
+    records: int = 0
+    kept: int = 0
+    seconds: float = 0.0
+
+
+@contextlib.contextmanager
+def connect(ws: Workspace, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A warehouse connection (:func:`lmpipe.warehouse.connect`) with the instruction tables in place."""
+    with warehouse.connect(ws, read_only=read_only) as con:
+        if not read_only:
+            con.execute(SCHEMA)
+        yield con
+
+
+# ----------------------------------------------------------------------------------------------
+# parsing records
+
+
+def _text(record: dict, key: str, where: str) -> str:
+    value = record.get(key)
+    if value is None:
+        raise ValueError(f"{where}missing field {key!r} (fields: {', '.join(map(str, record)) or 'none'})")
+    if not isinstance(value, str):
+        raise ValueError(f"{where}field {key!r} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise ValueError(f"{where}field {key!r} is empty")
+    return value.strip()
+
+
+def _messages_record(items: Any, line: int, split: str | None) -> Record:
+    if not isinstance(items, (list, tuple)) or not items:
+        raise ValueError("field 'messages' must be a non-empty list of {role, content} objects")
+    messages = []
+    for i, item in enumerate(items, start=1):
+        if not isinstance(item, dict):
+            raise ValueError(f"message {i} must be an object with role and content, got {type(item).__name__}")
+        role = _text(item, "role", f"message {i}: ")
+        if role not in ROLES:
+            raise ValueError(f"message {i} has unknown role {role!r}; roles: {', '.join(ROLES)}")
+        messages.append(Message(role, _text(item, "content", f"message {i}: ")))
+    check_turns(messages)
+    system = messages[0].content if messages[0].role == "system" else None
+    turns = messages[1:] if system is not None else messages
+    return Record(line, turns[-2].content, turns[-1].content, system, tuple(turns[:-2]), split)
+
+
+def parse_record(record: Any, line: int) -> Record:
+    """A :class:`Record` from one Alpaca, prompt/response or messages record; ValueError says what is wrong."""
+    if not isinstance(record, dict):
+        raise ValueError(f"expected an object, got {type(record).__name__}")
+    split = record.get("split")
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"field 'split' must be one of {', '.join(SPLITS)}, got {split!r}")
+    if "messages" in record:
+        return _messages_record(record["messages"], line, split)
+    if "instruction" in record or "output" in record:
+        prompt = _text(record, "instruction", "")
+        extra = record.get("input")
+        if extra is not None and not isinstance(extra, str):
+            raise ValueError(f"field 'input' must be a string, got {type(extra).__name__}")
+        if extra and extra.strip():  # Alpaca leaves "input" empty for self-contained instructions
+            prompt = f"{prompt}\n\n{extra.strip()}"
+        return Record(line, prompt, _text(record, "output", ""), split=split)
+    if "prompt" in record or "response" in record:
+        return Record(line, _text(record, "prompt", ""), _text(record, "response", ""), split=split)
+    keys = ", ".join(map(str, record)) or "none"
+    raise ValueError(f"expected instruction/input/output, prompt/response or messages fields, got: {keys}")
+
+
+# ----------------------------------------------------------------------------------------------
+# reading files
+
+
+def _open(source: Source) -> BinaryIO:
+    raw = open(source.uri, "rb")  # noqa: SIM115 - the caller closes it
+    if source.compression == "gzip":
+        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
+    if source.compression == "zstd":
+        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=True)
+    return raw
+
+
+def _jsonl_records(source: Source) -> Iterator[Record]:
+    try:
+        stream = _open(source)
+    except OSError as exc:
+        raise IngestError(source.uri, None, f"cannot open: {exc.strerror}") from exc
+    with stream:
+        for number, raw in enumerate(stream, start=1):
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                raise IngestError(source.uri, number, "invalid UTF-8") from None
+            if not line:
+                continue
+            try:
+                yield parse_record(json.loads(line), number)
+            except json.JSONDecodeError as exc:
+                raise IngestError(source.uri, number, f"malformed JSON: {exc.msg} (column {exc.colno})") from None
+            except ValueError as exc:
+                raise IngestError(source.uri, number, str(exc)) from None
+
+
+def _parquet_records(source: Source) -> Iterator[Record]:
+    con = duckdb.connect()
+    try:
+        rel = con.execute("SELECT * FROM read_parquet(?)", [source.uri])
+        names = [d[0] for d in rel.description]
+        rows = rel.fetchall()
+    except duckdb.Error as exc:
+        raise IngestError(source.uri, None, f"cannot read as Parquet: {exc}") from exc
+    finally:
+        con.close()
+    for number, row in enumerate(rows, start=1):
+        record = {k: v for k, v in zip(names, row, strict=True) if v is not None}
+        try:
+            yield parse_record(record, number)
+        except ValueError as exc:
+            raise IngestError(source.uri, None, f"row {number}: {exc}") from None
+
+
+def read_records(source: Source) -> list[Record]:
+    """Every record of a JSONL or Parquet file, validated; raises IngestError at the first bad one."""
+    if source.format == "jsonl" and not source.remote:
+        records = list(_jsonl_records(source))
+    elif source.format == "parquet":
+        records = list(_parquet_records(source))
+    else:
+        raise IngestError(source.uri, None, "instructions are read from local .jsonl (.gz, .zst) or .parquet files")
+    if not records:
+        raise IngestError(source.uri, None, "empty file: no instruction records")
+    return records
+
+
+# ----------------------------------------------------------------------------------------------
+# writing
+
+
+def _record_split(record: Record, cfg: IngestConfig) -> str:
+    return record.split or split_of(text_hash(record.prompt), cfg)
+
+
+def _rows_table(source: str, records: Sequence[Record], cfg: IngestConfig, objects: Sequence[str | None] = ()
+                ) -> pa.Table:
+    history = [json.dumps([{"role": m.role, "content": m.content} for m in r.history], ensure_ascii=False)
+               if r.history else None for r in records]
+    return pa.table({
+        "source": pa.array([source] * len(records), pa.string()),
+        "line": pa.array([r.line for r in records], pa.int32()),
+        "system": pa.array([r.system for r in records], pa.string()),
+        "history": pa.array(history, pa.string()),
+        "prompt": pa.array([r.prompt for r in records], pa.string()),
+        "response": pa.array([r.response for r in records], pa.string()),
+        "split": pa.array([_record_split(r, cfg) for r in records], pa.string()),
+        "hash": pa.array([r.digest() for r in records], pa.string()),
+        "object": pa.array(list(objects) or [None] * len(records), pa.string()),
+    })
+
+
+def _insert_new(con: duckdb.DuckDBPyConnection, table: pa.Table) -> int:
+    """Insert the rows whose conversation is new (first occurrence only); return how many."""
+    con.register("_incoming", table)
+    before = con.sql("SELECT count(*) FROM instructions").fetchall()[0][0]
+    con.execute(
+        """INSERT INTO instructions
+           SELECT source, line, system, history, prompt, response, split, hash, object
+           FROM (SELECT *, row_number() OVER () AS ord FROM _incoming)
+           WHERE hash NOT IN (SELECT hash FROM instructions)
+           QUALIFY row_number() OVER (PARTITION BY hash ORDER BY ord) = 1
+           ORDER BY ord"""
+    )
+    con.unregister("_incoming")
+    return con.sql("SELECT count(*) FROM instructions").fetchall()[0][0] - before
+
+
+def _ingest_file(con: duckdb.DuckDBPyConnection, source: Source, cfg: IngestConfig) -> InstructionReport:
+    t0 = time.perf_counter()
+    sha, _ = source_digest(source)
+    if con.execute("SELECT count(*) FROM instruction_sources WHERE sha256 = ?", [sha]).fetchall()[0][0]:
+        return InstructionReport(source.uri, "skipped")
+    records = read_records(source)  # everything is read and checked before anything is written
+    con.begin()
+    try:
+        kept = _insert_new(con, _rows_table(source.uri, records, cfg))
+        con.execute("INSERT INTO instruction_sources VALUES (?, ?, ?, ?, now())", [source.uri, sha, len(records), kept])
+        con.commit()
+    except BaseException:
+        con.rollback()
+        raise
+    return InstructionReport(source.uri, "ingested", len(records), kept, time.perf_counter() - t0)
+
+
+def ingest_files(ws: Workspace, specs: Sequence[str], cfg: IngestConfig) -> list[InstructionReport]:
+    """Ingest instruction files (paths, directories or globs), one transaction each; raises IngestError."""
+    planned = resolve_sources(specs)  # every path is checked before anything is read
+    with connect(ws) as con:
+        return [_ingest_file(con, src, cfg) for src in planned]
+
+
+# ----------------------------------------------------------------------------------------------
+# the built-in set
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z`(\"'])")
+
+
+def summary(docstring: str, max_chars: int) -> str | None:
+    """The docstring's first paragraph with its lines joined, or its first sentence when the paragraph is
+    longer than ``max_chars``; None when even that is too long, or shorter than three words."""
+    paragraph = " ".join(docstring.strip().split("\n\n", 1)[0].split())
+    if len(paragraph) > max_chars:
+        paragraph = _SENTENCE_END.split(paragraph, 1)[0]
+    if len(paragraph) > max_chars or len(paragraph.split()) < 3:
+        return None
+    return paragraph
+
+
+def phrasings(kind: str, qualname: str, count: int) -> list[str]:
+    """``count`` questions about an object (0: all), the phrasings rotated by a hash of its name."""
+    options = PHRASINGS.get(kind, PHRASINGS["function"])
+    start = int(hashlib.md5(qualname.encode()).hexdigest()[:8], 16) % len(options)
+    rotated = options[start:] + options[:start]
+    return [p.format(name=qualname) for p in rotated[: count or len(rotated)]]
+
+
+def builtin_records(con: duckdb.DuckDBPyConnection, cfg: IngestConfig, per_object: int, max_chars: int
+                    ) -> tuple[list[Record], list[str]]:
+    """Question-answer records about the documented stdlib objects, and the object of each."""
+    rows = con.sql(
+        """SELECT o.qualname, o.kind, o.docstring, o.doc_hash, any_value(d.split)
+           FROM (SELECT DISTINCT qualname, kind, docstring, doc_hash FROM stdlib_objects) o
+           LEFT JOIN documents d ON d.hash = o.doc_hash
+           GROUP BY ALL ORDER BY o.qualname, o.kind"""
+    ).fetchall()
+    records, objects = [], []
+    for index, (qualname, kind, docstring, doc_hash, split) in enumerate(rows, start=1):
+        answer = summary(docstring, max_chars)
+        if answer is None:
+            continue
+        # a docstring dropped from the corpus (too short, a near-duplicate) has no document: same rule
+        split = split or split_of(doc_hash, cfg)
+        for question in phrasings(kind, qualname, per_object):
+            records.append(Record(index, question, answer, split=split))
+            objects.append(qualname)
+    return records, objects
+
+
+def derive_builtin(ws: Workspace, cfg: IngestConfig, per_object: int = 0, max_chars: int = 300
+                   ) -> InstructionReport:
+    """Replace the built-in instruction set with one derived from the warehouse's ``stdlib_objects``."""
+    t0 = time.perf_counter()
+    with connect(ws) as con:
+        records, objects = builtin_records(con, cfg, per_object, max_chars)
+        con.begin()
+        try:
+            con.execute("DELETE FROM instructions WHERE source = ?", [BUILTIN_SOURCE])
+            kept = _insert_new(con, _rows_table(BUILTIN_SOURCE, records, cfg, objects)) if records else 0
+            con.commit()
+        except BaseException:
+            con.rollback()
+            raise
+    return InstructionReport(BUILTIN_SOURCE, "derived", len(records), kept, time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------------------------
+# reading the table
+
+
+@dataclass(frozen=True)
+class Instruction:
+    """A row of the ``instructions`` table."""
+
+    prompt: str
+    response: str
+    source: str
+    split: str
+    system: str | None = None
+    history: tuple[Message, ...] = ()
+    object: str | None = None
+
+    def messages(self, with_response: bool = True) -> list[Message]:
+        return conversation(self.prompt, self.response if with_response else None, self.system, self.history)
+
+
+def _has_table(con: duckdb.DuckDBPyConnection) -> bool:
+    return bool(con.sql("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'instructions'").fetchall()[0][0])
+
+
+def _source_filter(builtin: bool, exclude: Sequence[str] = ()) -> tuple[str, list[str]]:
+    excluded = [*exclude, *([] if builtin else [BUILTIN_SOURCE])]
+    return (f"source NOT IN ({', '.join('?' * len(excluded))})", excluded) if excluded else ("true", [])
+
+
+def load_instructions(ws: Workspace, split: str, builtin: bool = True) -> list[Instruction]:
+    """The rows of ``split`` in a stable order (by conversation hash); without the built-in set if asked."""
+    where, params = _source_filter(builtin)
+    with connect(ws, read_only=True) as con:
+        if not _has_table(con):
+            return []
+        rows = con.execute(f"""SELECT prompt, response, source, split, system, history, object FROM instructions
+                               WHERE split = ? AND {where} ORDER BY hash""", [split, *params]).fetchall()
+    out = []
+    for prompt, response, source, split_, system, history, obj in rows:
+        turns = tuple(Message(t["role"], t["content"]) for t in json.loads(history)) if history else ()
+        out.append(Instruction(prompt, response, source, split_, system, turns, obj))
+    return out
+
+
+def counts(ws: Workspace, builtin: bool = True) -> dict[str, int]:
+    """Rows per split."""
+    where, params = _source_filter(builtin)
+    with connect(ws, read_only=True) as con:
+        if not _has_table(con):
+            return {}
+        rows = con.execute(f"SELECT split, count(*) FROM instructions WHERE {where} GROUP BY split", params).fetchall()
+    return {s: int(n) for s, n in rows}
+
+
+def fingerprint(ws: Workspace, builtin: bool = True, exclude: Sequence[str] = ()) -> str:
+    """md5 over the sorted (hash, split) pairs of the rows (minus sources in ``exclude``): changes iff they do."""
+    if not ws.warehouse.exists():
+        return "0-"
+    where, params = _source_filter(builtin, exclude)
+    with connect(ws, read_only=True) as con:
+        if not _has_table(con):
+            return "0-"
+        row = con.execute(f"""SELECT count(*), coalesce(md5(string_agg(hash || split, ',' ORDER BY hash, split)), '')
+                              FROM instructions WHERE {where}""", params).fetchall()[0]
+    return f"{row[0]}-{row[1][:16]}"
+
+
+def file_stats(paths: Sequence[str]) -> list[list[Any]]:
+    """(uri, size, mtime) of every instruction file, so an edited file changes a stage's cache key."""
+    out = []
+    for src in resolve_sources(paths) if paths else []:
+        st = Path(src.uri).stat()
+        out.append([src.uri, st.st_size, st.st_mtime_ns])
+    return out
