@@ -1,0 +1,226 @@
+"""The math of RLHF with PPO as small pure tensor functions.
+
+Conventions: per-token tensors are (B, T) over the response tokens of B rollouts, right-padded; ``mask``
+(B, T) is 1 on real response tokens (the closing end-of-turn token included: emitting it is an action)
+and 0 on padding. Log-probabilities are natural logs of the sampled tokens.
+
+References: PPO (Schulman et al. 2017, arXiv:1707.06347), GAE (Schulman et al. 2016, arXiv:1506.02438),
+KL-penalised reward and the adaptive KL controller (Ziegler et al. 2019, arXiv:1909.08593, sec. 2.2),
+KL estimators (Schulman 2020, "Approximating KL Divergence", http://joschu.net/blog/kl-approx.html).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+KLEstimator = Literal["k1", "k3"]
+
+
+# ----------------------------------------------------------------------------------------------
+# masked statistics
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of ``x`` over the entries where ``mask`` is 1 (over ``dim``, or over everything)."""
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of the masked entries of ``x``; ``unbiased`` applies Bessel's correction n / (n - 1)."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    if unbiased:
+        n = mask.sum()
+        var = var * n / (n - 1).clamp(min=1)
+    return var
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """``x`` scaled to unit variance over its masked entries (and centred unless ``shift_mean`` is False);
+    padding entries are set to 0."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# log-probabilities, entropy, KL
+
+
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[token] for every position: (B, T, V), (B, T) -> (B, T), in float32."""
+    return torch.gather(F.log_softmax(logits.float(), dim=-1), -1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) at every position: H = logsumexp(l) - sum_v p_v l_v. (B, T, V) -> (B, T)."""
+    logits = logits.float()
+    return torch.logsumexp(logits, dim=-1) - (F.softmax(logits, dim=-1) * logits).sum(-1)
+
+
+def kl_k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """k1 = log π(x) - log π_ref(x) for x ~ π: unbiased for KL(π || π_ref), high variance, can be negative.
+
+    Schulman 2020, "Approximating KL Divergence" (http://joschu.net/blog/kl-approx.html).
+    """
+    return logp - ref_logp
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """k3 = (r - 1) - log r with r = π_ref(x) / π(x), x ~ π: unbiased for KL(π || π_ref), never negative
+    (log r <= r - 1), lower variance than k1. Schulman 2020, "Approximating KL Divergence"."""
+    log_r = ref_logp - logp
+    return torch.expm1(log_r) - log_r
+
+
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: KLEstimator = "k1") -> torch.Tensor:
+    """Per-token KL(π || π_ref) estimate by ``estimator`` ("k1" or "k3")."""
+    if estimator == "k1":
+        return kl_k1(logp, ref_logp)
+    if estimator == "k3":
+        return kl_k3(logp, ref_logp)
+    raise ValueError(f"unknown KL estimator {estimator!r}; choose k1 or k3")
+
+
+def approx_kl(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean KL(π_old || π_new) per token by k3, the tokens having been sampled from π_old."""
+    return masked_mean(kl_k3(old_logp, logp), mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# rewards and advantages
+
+
+def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float,
+                  finished: torch.Tensor | None = None, missing_eot_penalty: float = 0.0,
+                  clip: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards r_t = -β·KL_t, plus the sequence's score on its last real token (Ziegler et al. 2019,
+    eq. 2). Returns (rewards (B, T), the scores as applied (B,)).
+
+    ``scores`` (B,) are the normalised reward-model scores. A row with ``finished`` False (it never emitted
+    its end token) gets ``missing_eot_penalty`` added; then scores are clipped to [-clip, clip] if ``clip``.
+    Padding gets no reward; the end token is a real token and carries the score when it was emitted.
+    """
+    scores = scores.float()
+    if finished is not None and missing_eot_penalty:
+        scores = scores + missing_eot_penalty * (~finished.bool()).float()
+    if clip is not None:
+        scores = scores.clamp(-clip, clip)
+    mask = mask.float()
+    rewards = -beta * kl.float() * mask
+    lengths = mask.sum(1).long()
+    rows = torch.nonzero(lengths > 0).squeeze(1)  # an empty response has no token to carry its score
+    rewards[rows, lengths[rows] - 1] += scores[rows]
+    return rewards, scores
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016, eqs. 11-16) over right-padded sequences.
+
+    δ_t = r_t + γ·V_{t+1} - V_t and A_t = δ_t + γλ·A_{t+1}, with V and A taken as 0 past the last real
+    token (the episode ends there). Returns (advantages, returns = advantages + values), 0 on padding.
+    """
+    mask = mask.to(values.dtype)
+    T = rewards.size(1)
+    advantages = torch.zeros_like(values)
+    next_value = torch.zeros_like(values[:, 0])
+    next_adv = torch.zeros_like(values[:, 0])
+    for t in reversed(range(T)):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_adv = (delta + gamma * lam * next_adv) * mask[:, t]
+        advantages[:, t] = next_adv
+        next_value = values[:, t] * mask[:, t]
+    return advantages, (advantages + values) * mask
+
+
+# ----------------------------------------------------------------------------------------------
+# losses and diagnostics
+
+
+def clipped_surrogate_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                           mask: torch.Tensor, clip: float = 0.2) -> torch.Tensor:
+    """PPO's clipped policy loss (Schulman et al. 2017, eq. 7), negated to be minimised:
+    mean_t max(-A_t·ρ_t, -A_t·clip(ρ_t, 1-ε, 1+ε)) with ρ_t = π(a_t|s_t) / π_old(a_t|s_t)."""
+    ratio = torch.exp(logp - old_logp)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip, 1.0 + clip)
+    return masked_mean(torch.maximum(unclipped, clipped), mask)
+
+
+def clip_fraction(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, clip: float = 0.2) -> torch.Tensor:
+    """Share of tokens whose ratio ρ_t left [1-ε, 1+ε] (where the clip can stop the gradient)."""
+    return masked_mean(((logp - old_logp).exp() - 1.0).abs().gt(clip).float(), mask)
+
+
+def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                       clip: float = 0.2) -> torch.Tensor:
+    """½·mean_t max((V_t - R_t)², (V_t^clip - R_t)²) with V_t^clip = V_old,t + clip(V_t - V_old,t, -ε, ε)
+    (the value clipping of OpenAI's PPO baselines, also used by Ziegler et al. 2019)."""
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
+
+
+def explained_variance(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1 - Var[target - predicted] / Var[target] over masked entries: 1 is perfect, 0 no better than the mean."""
+    var_target = masked_var(target, mask, unbiased=False)
+    return 1.0 - masked_var(target - predicted, mask, unbiased=False) / var_target.clamp(min=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# KL coefficient controllers
+
+
+@dataclass
+class FixedKLController:
+    """β stays where it was set."""
+
+    value: float
+
+    def update(self, kl: float, n_steps: int) -> float:
+        return self.value
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])
+
+
+@dataclass
+class AdaptiveKLController:
+    """Steers the observed KL towards ``target`` (Ziegler et al. 2019, sec. 2.2):
+    e = clip(KL / target - 1, -0.2, 0.2), β ← β·(1 + K_β·e·n_steps / horizon)."""
+
+    value: float
+    target: float
+    horizon: float
+    k_beta: float = 1.0
+
+    def update(self, kl: float, n_steps: int) -> float:
+        error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + self.k_beta * error * n_steps / self.horizon
+        return self.value
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])
+
+
+def kl_controller(beta: float, target: float | None, horizon: float, k_beta: float = 1.0
+                  ) -> FixedKLController | AdaptiveKLController:
+    """An adaptive controller when a ``target`` KL is given, a fixed β otherwise."""
+    if target is None or target <= 0:
+        return FixedKLController(beta)
+    return AdaptiveKLController(beta, target, horizon, k_beta)
