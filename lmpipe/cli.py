@@ -82,13 +82,22 @@ def run(preset, config_files, overrides, workspace, only, start, stop, force, wa
 @_config_options
 @click.option("--wait", type=float, default=0.0, show_default=True, help="Seconds to wait for the workspace lock.")
 @click.option("--track/--no-track", default=True, show_default=True, help="Record the ingestion as an MLflow run.")
-def ingest(paths, workspace, preset, config_files, overrides, wait, track) -> None:
+@click.option("--kind", type=click.Choice(["documents", "instructions", "preferences"]), default="documents",
+              show_default=True, help="Corpus documents, instruction data (JSONL/Parquet: Alpaca, prompt/response, "
+              "messages) or preference pairs (prompt/chosen/rejected, or chosen/rejected dialogues).")
+def ingest(paths, workspace, preset, config_files, overrides, wait, track, kind) -> None:
     """Ingest files, directories, globs or URIs into the warehouse (idempotent)."""
     from lmpipe.config import from_dict
     from lmpipe.corpus import ingest as do_ingest
     from lmpipe.sources import IngestError
 
     cfg = _load(preset, config_files, overrides)
+    if kind == "instructions":
+        _ingest_instructions(paths, Workspace.resolve(workspace), cfg, wait)
+        return
+    if kind == "preferences":
+        _ingest_preferences(paths, Workspace.resolve(workspace), cfg, wait)
+        return
     section = from_dict(type(cfg.ingest), {**to_dict(cfg.ingest), "sources": list(paths)})
     ws = Workspace.resolve(workspace)
     apply_runtime_environment(ws)
@@ -118,6 +127,67 @@ def ingest(paths, workspace, preset, config_files, overrides, wait, track) -> No
         click.echo(f"{s.uri}: {detail}")
     click.echo(f"{report.added} documents added in {report.seconds:.1f} s; warehouse: "
                + ", ".join(f"{k} {v}" for k, v in sorted(report.splits.items())))
+
+
+def _ingest_instructions(paths: tuple[str, ...], ws: Workspace, cfg: PipelineConfig, wait: float) -> None:
+    """``ingest --kind instructions``: each file in one transaction; a bad record fails its file, naming the line."""
+    from lmpipe.instructions import counts, ingest_files
+    from lmpipe.sources import IngestError
+
+    try:
+        with ws.lock(wait, purpose="ingest instructions"):
+            reports = ingest_files(ws, list(paths), cfg.ingest)
+    except (IngestError, WorkspaceBusy) as exc:
+        raise click.ClickException(str(exc)) from exc
+    for r in reports:
+        detail = "already ingested, nothing added" if r.status == "skipped" else f"{r.records} read, {r.kept} kept"
+        click.echo(f"{r.uri}: {detail}")
+    click.echo("instructions: " + ", ".join(f"{k} {v}" for k, v in sorted(counts(ws).items())))
+
+
+def _ingest_preferences(paths: tuple[str, ...], ws: Workspace, cfg: PipelineConfig, wait: float) -> None:
+    """``ingest --kind preferences``: each file in one transaction; a bad record fails its file, naming the line."""
+    from lmpipe.preferences import counts, ingest_files
+    from lmpipe.sources import IngestError
+
+    try:
+        with ws.lock(wait, purpose="ingest preferences"):
+            reports = ingest_files(ws, list(paths), cfg.ingest)
+    except (IngestError, WorkspaceBusy) as exc:
+        raise click.ClickException(str(exc)) from exc
+    for r in reports:
+        detail = "already ingested, nothing added" if r.status == "skipped" else f"{r.records} read, {r.kept} kept"
+        click.echo(f"{r.uri}: {detail}")
+    splits = {k: v for k, v in counts(ws).items() if k in ("train", "val", "test")}
+    click.echo("preferences: " + ", ".join(f"{k} {v}" for k, v in sorted(splits.items())))
+
+
+@main.command()
+@_config_options
+@click.option("--workspace", type=click.Path(file_okay=False), help=WORKSPACE_HELP)
+@click.option("--cron", help='Cron schedule, e.g. "0 3 * * 0" (Sundays at 03:00).')
+@click.option("--interval", type=float, help="Run every this many seconds instead of a cron schedule.")
+def schedule(preset, config_files, overrides, workspace, cron, interval) -> None:
+    """Serve the pipeline as a scheduled Prefect deployment (blocks; Ctrl-C stops it).
+
+    Without PREFECT_API_URL, a local Prefect server is started on 127.0.0.1 for the workspace.
+    """
+    if (cron is None) == (interval is None):
+        raise click.UsageError("give exactly one of --cron or --interval")
+    cfg = _load(preset, config_files, overrides)
+    ws = Workspace.resolve(workspace)
+    apply_runtime_environment(ws)
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.schedule import local_prefect_server, serve
+
+    with contextlib.ExitStack() as stack:
+        if not os.environ.get("PREFECT_API_URL"):
+            url = stack.enter_context(local_prefect_server(ws))
+            stack.enter_context(temporary_settings({PREFECT_API_URL: url}))
+            click.echo(f"Prefect UI: {url.removesuffix('/api')}")
+        with contextlib.suppress(KeyboardInterrupt):
+            serve(ws, cfg, cron=cron, interval=interval)
 
 
 @main.command()
@@ -210,6 +280,103 @@ def config_reference(update) -> None:
     head, rest = text.split(start, 1)
     Path(update).write_text(head + start + reference_markdown() + "\n" + end + rest.split(end, 1)[1], encoding="utf-8")
     click.echo(f"updated the configuration reference in {update}")
+
+
+@main.command()
+@click.argument("prompts", nargs=-1, required=True)
+@click.option("--stage", default="pretrain", show_default=True,
+              help="Stage whose trained model completes the prompts (pretrain, sft, ppo).")
+@click.option("--workspace", type=click.Path(file_okay=False), help=WORKSPACE_HELP)
+@click.option("--max-new-tokens", type=int, default=100, show_default=True)
+@click.option("--temperature", type=float, default=0.8, show_default=True, help="0 means greedy decoding.")
+@click.option("--top-k", type=int, default=50, show_default=True, help="0 means no top-k limit.")
+@click.option("--top-p", type=float, default=None, help="Nucleus sampling: keep the smallest set with this mass.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+def generate(prompts, stage, workspace, max_new_tokens, temperature, top_k, top_p, seed, device) -> None:
+    """Complete PROMPTS with the model a stage trained (its last good result in the workspace)."""
+    import torch
+
+    from lmpipe.pretrain import load_lm, sample_texts
+    from lmpipe.state import load_stage_state
+
+    ws = Workspace.resolve(workspace)
+    state = load_stage_state(ws, stage)
+    if state is None or state.result is None or "model" not in state.result.outputs:
+        raise click.ClickException(f"no trained model from stage {stage!r} in {ws.root}: run `lmpipe run` first")
+    model_dir = ws.abs(state.result.outputs["model"])
+    model, tokenizer, extra = load_lm(model_dir, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    limit = model.config.block_size - 1
+    if not 0 < max_new_tokens <= limit:
+        raise click.UsageError(f"--max-new-tokens must be between 1 and {limit} for this model")
+    if extra.get("chat_template"):  # an instruction-tuned model answers PROMPTS as user turns
+        from lmpipe.chat import ChatTemplate
+        from lmpipe.sft import answer
+
+        generator = torch.Generator(device=model.wte.weight.device).manual_seed(seed)
+        texts = answer(model, ChatTemplate(tokenizer), list(prompts), max_new_tokens, temperature, top_k or None,
+                       top_p, generator=generator)
+    else:
+        texts = sample_texts(model, tokenizer, list(prompts), max_new_tokens, temperature, top_k, seed,
+                             extra.get("eot_id", 0), top_p)
+    for text in texts:
+        click.echo(text)
+
+
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--stage", default="ngram", show_default=True, help="Stage whose trained model scores the text.")
+@click.option("--workspace", type=click.Path(file_okay=False), help=WORKSPACE_HELP)
+@click.option("--order", type=int, help="Model order (n-gram stage; default: the best model on val).")
+@click.option("--method", help="Model within the stage: n-gram smoothing (default: the best on val), or nnlm | rnnlm.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def score(file, stage, workspace, order, method, as_json) -> None:
+    """Perplexity, bits per byte and OOV rate of a UTF-8 text file (one document per line)."""
+    from lmpipe.scoring import score as score_texts
+    from lmpipe.state import load_stage_state
+
+    ws = Workspace.resolve(workspace)
+    state = load_stage_state(ws, stage)
+    if state is None or state.result is None:
+        raise click.ClickException(f"stage {stage!r} has no result in {ws.root}: run `lmpipe run --to {stage}` first")
+    texts = [line for line in Path(file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    options = {k: v for k, v in {"order": order, "method": method}.items() if v is not None}
+    try:
+        result = score_texts(ws, state.result, texts, options)
+    except KeyError as exc:
+        raise click.ClickException(str(exc).strip("'\"")) from exc
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+        return
+    for key, value in result.to_json().items():
+        click.echo(f"{key:<16} {value:.6g}" if isinstance(value, float) else f"{key:<16} {value}")
+
+
+@main.command("score-reward")
+@click.option("--prompt", "prompts", multiple=True, required=True, help="User prompt (repeatable, one per response).")
+@click.option("--response", "responses", multiple=True, required=True, help="Answer to score (repeatable).")
+@click.option("--workspace", type=click.Path(file_okay=False), help=WORKSPACE_HELP)
+@click.option("--normalize", is_flag=True, help="Also print the reward standardised by the train-reward mean and std.")
+@click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+def score_reward(prompts, responses, workspace, normalize, device) -> None:
+    """Print the reward model's score of each (PROMPT, RESPONSE) pair."""
+    import torch
+
+    from lmpipe.reward import RewardModel
+    from lmpipe.state import load_stage_state
+
+    if len(prompts) != len(responses):
+        raise click.UsageError(f"{len(prompts)} --prompt but {len(responses)} --response options: give one of each")
+    ws = Workspace.resolve(workspace)
+    state = load_stage_state(ws, "reward")
+    if state is None or state.result is None or "model" not in state.result.outputs:
+        raise click.ClickException(f"no reward model in {ws.root}: run `lmpipe run --to reward` first")
+    model = RewardModel.load(ws.abs(state.result.outputs["model"]),
+                             device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    raw = model.score(list(prompts), list(responses))
+    normalized = model.score(list(prompts), list(responses), normalize=True) if normalize else raw
+    for r, z in zip(raw, normalized, strict=True):
+        click.echo(f"{r:.4f}" + (f"\t{z:.4f}" if normalize else ""))
 
 
 @main.command()

@@ -6,7 +6,7 @@ whose source code is part of its cache key. ``flows/pipeline.py`` runs them in t
 
 from __future__ import annotations
 
-from lmpipe import corpus
+from lmpipe import corpus, embeddings, ngram, ppo, pretrain, reward, sft, shards
 from lmpipe.stage import Stage
 
 INGEST = Stage(
@@ -22,8 +22,79 @@ INGEST = Stage(
     valid=corpus.still_valid,
 )
 
+NGRAM = Stage(
+    name="ngram",
+    section="ngram",
+    deps=("ingest",),
+    run=ngram.run_stage,
+    code=("lmpipe.ngram", "lmpipe.ngram_count", "lmpipe.arpa", "lmpipe.wordtok", "lmpipe.scoring", "lmpipe.warehouse"),
+    headline=("best_val_perplexity", "best_val_bits_per_byte", "oov_rate_val", "vocab_size", "train_tokens"),
+)
 
-STAGES: tuple[Stage, ...] = (INGEST,)
+EMBEDDINGS = Stage(
+    name="embeddings",
+    section="embeddings",
+    deps=("ngram",),
+    run=embeddings.run_stage,
+    code=("lmpipe.embeddings", "lmpipe.nnlm", "lmpipe.rnnlm", "lmpipe.word2vec", "lmpipe.vectors", "lmpipe.wordtok",
+          "lmpipe.ngram", "lmpipe.scoring"),
+    headline=("nnlm_val_perplexity", "nnlm_val_bits_per_byte", "rnnlm_val_perplexity", "rnnlm_val_bits_per_byte",
+              "w2v_sg-ns_words_per_s"),
+)
+
+TOKENIZER = Stage(
+    name="tokenizer",
+    section="tokenizer",
+    deps=("ingest",),
+    run=shards.run_stage,
+    code=("lmpipe.bpe", "lmpipe.shards", "lmpipe.warehouse"),
+    headline=("vocab_size", "tokens_train", "val_bytes_per_token", "encode_mb_per_s"),
+    valid=shards.still_valid,
+)
+
+PRETRAIN = Stage(
+    name="pretrain",
+    section="pretrain",
+    deps=("tokenizer",),
+    run=pretrain.run_stage,
+    code=("lmpipe.pretrain", "lmpipe.gpt", "lmpipe.trainer", "lmpipe.checkpoint", "lmpipe.hf_export", "lmpipe.shards"),
+    headline=("val_loss", "val_bpb", "test_bpb", "params"),
+)
+
+SFT = Stage(
+    name="sft",
+    section="sft",
+    deps=("ingest", "tokenizer", "pretrain"),
+    run=sft.run_stage,
+    code=("lmpipe.sft", "lmpipe.instructions", "lmpipe.chat", "lmpipe.grounded", "lmpipe.gpt", "lmpipe.trainer",
+          "lmpipe.checkpoint", "lmpipe.pretrain"),
+    headline=("val_response_loss", "heldout_token_f1", "heldout_token_f1_gain", "heldout_rouge_l", "test_bpb"),
+    external=sft.external_inputs,
+)
+
+REWARD = Stage(
+    name="reward",
+    section="reward",
+    deps=("ingest", "sft"),
+    run=reward.run_stage,
+    code=("lmpipe.reward", "lmpipe.preferences", "lmpipe.chat", "lmpipe.grounded", "lmpipe.gpt", "lmpipe.trainer",
+          "lmpipe.checkpoint", "lmpipe.instructions", "lmpipe.sft", "lmpipe.pretrain"),
+    headline=("heldout_accuracy", "longer_accuracy", "bag_of_words_accuracy", "reward_mean", "reward_std"),
+    external=reward.external_inputs,
+)
+
+PPO = Stage(
+    name="ppo",
+    section="ppo",
+    deps=("ingest", "sft", "reward"),
+    run=ppo.run_stage,
+    code=("lmpipe.ppo", "lmpipe.rl", "lmpipe.reward", "lmpipe.chat", "lmpipe.grounded", "lmpipe.gpt", "lmpipe.trainer",
+          "lmpipe.checkpoint", "lmpipe.instructions", "lmpipe.sft"),
+    headline=("heldout_reward", "heldout_reward_gain", "heldout_token_f1_gain", "final_kl", "target_kl"),
+    external=ppo.external_inputs,
+)
+
+STAGES: tuple[Stage, ...] = (INGEST, NGRAM, EMBEDDINGS, TOKENIZER, PRETRAIN, SFT, REWARD, PPO)
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
 
 

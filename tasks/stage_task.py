@@ -10,7 +10,6 @@ Retries: only transient I/O errors are retried; bad input and bugs fail at once.
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -77,9 +76,8 @@ def run_stage_task(
         tags |= git_info()
     run = tracker.start_run(stage, parent, tags)
     run.params(flatten(getattr(cfg, spec.section), prefix=spec.section))
+    # Kept if it exists: an interrupted attempt with the same key left checkpoints the stage resumes from.
     out_dir = ws.stage_dir(stage, cache_key)
-    if out_dir.exists():  # leftovers of an interrupted attempt with the same key
-        shutil.rmtree(out_dir)
     ctx = StageContext(ws, cfg, {k: StageResult.from_json(v) for k, v in inputs.items()}, out_dir, log=run)
     try:
         output = spec.run(ctx)

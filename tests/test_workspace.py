@@ -49,9 +49,8 @@ def test_lock_refuses_then_waits_for_another_process(workspace):
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(workspace.root), "3"], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(WorkspaceBusy, match=rf"pid {holder.pid} .*\(holder\).*--wait"):
-            with workspace.lock(0):
-                pass
+        with pytest.raises(WorkspaceBusy, match=rf"pid {holder.pid} .*\(holder\).*--wait"), workspace.lock(0):
+            pass
         t0 = time.monotonic()
         with workspace.lock(wait=30):  # queues behind the holder instead of failing
             waited = time.monotonic() - t0
