@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -99,9 +99,20 @@ def local_prefect_server(ws: Workspace, port: int | None = None, timeout: float 
 
 
 def serve(ws: Workspace, cfg: PipelineConfig, cron: str | None = None, interval: float | None = None,
-          limit: int | None = None) -> None:
-    """Serve the scheduled pipeline until interrupted (blocks)."""
+          limit: int | None = None, on_server: Callable[[str], None] | None = None) -> None:
+    """Serve the scheduled pipeline until interrupted (blocks).
+
+    Registers with ``PREFECT_API_URL`` when it is set; otherwise starts a local Prefect server for the
+    workspace first (``on_server`` is told its UI address) and stops it on exit.
+    """
     from prefect import serve as prefect_serve
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     deployment = build_deployment(ws, cfg, cron=cron, interval=interval)
-    prefect_serve(deployment, limit=limit)
+    with contextlib.ExitStack() as stack:
+        if not os.environ.get("PREFECT_API_URL"):
+            url = stack.enter_context(local_prefect_server(ws))
+            stack.enter_context(temporary_settings({PREFECT_API_URL: url}))
+            if on_server:
+                on_server(url.removesuffix("/api"))
+        prefect_serve(deployment, limit=limit)

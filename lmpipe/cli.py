@@ -92,11 +92,8 @@ def ingest(paths, workspace, preset, config_files, overrides, wait, track, kind)
     from lmpipe.sources import IngestError
 
     cfg = _load(preset, config_files, overrides)
-    if kind == "instructions":
-        _ingest_instructions(paths, Workspace.resolve(workspace), cfg, wait)
-        return
-    if kind == "preferences":
-        _ingest_preferences(paths, Workspace.resolve(workspace), cfg, wait)
+    if kind != "documents":
+        _ingest_records(kind, paths, Workspace.resolve(workspace), cfg, wait)
         return
     section = from_dict(type(cfg.ingest), {**to_dict(cfg.ingest), "sources": list(paths)})
     ws = Workspace.resolve(workspace)
@@ -129,37 +126,23 @@ def ingest(paths, workspace, preset, config_files, overrides, wait, track, kind)
                + ", ".join(f"{k} {v}" for k, v in sorted(report.splits.items())))
 
 
-def _ingest_instructions(paths: tuple[str, ...], ws: Workspace, cfg: PipelineConfig, wait: float) -> None:
-    """``ingest --kind instructions``: each file in one transaction; a bad record fails its file, naming the line."""
-    from lmpipe.instructions import counts, ingest_files
+def _ingest_records(kind: str, paths: tuple[str, ...], ws: Workspace, cfg: PipelineConfig, wait: float) -> None:
+    """``ingest --kind instructions|preferences``: each file in one transaction; a bad record fails its file."""
+    import importlib
+
     from lmpipe.sources import IngestError
 
+    module = importlib.import_module(f"lmpipe.{kind}")
     try:
-        with ws.lock(wait, purpose="ingest instructions"):
-            reports = ingest_files(ws, list(paths), cfg.ingest)
+        with ws.lock(wait, purpose=f"ingest {kind}"):
+            reports = module.ingest_files(ws, list(paths), cfg.ingest)
     except (IngestError, WorkspaceBusy) as exc:
         raise click.ClickException(str(exc)) from exc
     for r in reports:
         detail = "already ingested, nothing added" if r.status == "skipped" else f"{r.records} read, {r.kept} kept"
         click.echo(f"{r.uri}: {detail}")
-    click.echo("instructions: " + ", ".join(f"{k} {v}" for k, v in sorted(counts(ws).items())))
-
-
-def _ingest_preferences(paths: tuple[str, ...], ws: Workspace, cfg: PipelineConfig, wait: float) -> None:
-    """``ingest --kind preferences``: each file in one transaction; a bad record fails its file, naming the line."""
-    from lmpipe.preferences import counts, ingest_files
-    from lmpipe.sources import IngestError
-
-    try:
-        with ws.lock(wait, purpose="ingest preferences"):
-            reports = ingest_files(ws, list(paths), cfg.ingest)
-    except (IngestError, WorkspaceBusy) as exc:
-        raise click.ClickException(str(exc)) from exc
-    for r in reports:
-        detail = "already ingested, nothing added" if r.status == "skipped" else f"{r.records} read, {r.kept} kept"
-        click.echo(f"{r.uri}: {detail}")
-    splits = {k: v for k, v in counts(ws).items() if k in ("train", "val", "test")}
-    click.echo("preferences: " + ", ".join(f"{k} {v}" for k, v in sorted(splits.items())))
+    splits = {k: v for k, v in module.counts(ws).items() if k in ("train", "val", "test")}
+    click.echo(f"{kind}: " + ", ".join(f"{k} {v}" for k, v in sorted(splits.items())))
 
 
 @main.command()
@@ -177,17 +160,12 @@ def schedule(preset, config_files, overrides, workspace, cron, interval) -> None
     cfg = _load(preset, config_files, overrides)
     ws = Workspace.resolve(workspace)
     apply_runtime_environment(ws)
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from flows.schedule import serve
 
-    from flows.schedule import local_prefect_server, serve
-
-    with contextlib.ExitStack() as stack:
-        if not os.environ.get("PREFECT_API_URL"):
-            url = stack.enter_context(local_prefect_server(ws))
-            stack.enter_context(temporary_settings({PREFECT_API_URL: url}))
-            click.echo(f"Prefect UI: {url.removesuffix('/api')}")
-        with contextlib.suppress(KeyboardInterrupt):
-            serve(ws, cfg, cron=cron, interval=interval)
+    when = f"cron {cron}" if cron else f"every {interval:g} s"
+    click.echo(f"serving the pipeline on {ws.root} ({when}); Ctrl-C stops")
+    with contextlib.suppress(KeyboardInterrupt):
+        serve(ws, cfg, cron=cron, interval=interval, on_server=lambda url: click.echo(f"Prefect UI: {url}"))
 
 
 @main.command()

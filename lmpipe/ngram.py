@@ -28,6 +28,7 @@ Logarithms in the API are base 10, as in ARPA files and KenLM.
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import itertools
 import json
@@ -214,7 +215,7 @@ def token_batch(order: int, sentences: Sequence[Sequence[int]]) -> tuple[np.ndar
     return ctx, flat_a[t] if len(t) else np.zeros(0, np.int64)
 
 
-class NgramModel:
+class NgramModel(abc.ABC):
     """Shared API; subclasses implement :meth:`log10_batch` for (context, word) id batches."""
 
     method: str = ""
@@ -228,9 +229,9 @@ class NgramModel:
     def normalised(self) -> bool:
         return self.method in NORMALISED
 
+    @abc.abstractmethod
     def log10_batch(self, ctx: np.ndarray, words: np.ndarray) -> np.ndarray:
         """log10 p(words[i] | ctx[i]); ``ctx`` is (n, order-1) ids, left-padded with -1 before ``<s>``."""
-        raise NotImplementedError
 
     # -- single queries --------------------------------------------------------------------------
 
