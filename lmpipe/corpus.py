@@ -11,16 +11,17 @@ document can recompute its split from the document's text alone.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import multiprocessing
 import os
 import time
 from collections import Counter, deque
-from collections.abc import Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import numpy as np
@@ -104,6 +105,7 @@ class IngestReport:
 
 CHUNK_DOCS = 20_000  # documents per cleaning job
 PARALLEL_MIN_DOCS = 50_000  # below this, a worker pool costs more than it saves
+INSERT_ROWS = 200_000  # streamed sources are written in inserts of about this many documents
 
 
 COLUMNS = {"line": pa.int32(), "text": pa.string(), "hash": pa.string(), "object": pa.string()}
@@ -158,54 +160,72 @@ def clean_chunk(
     return table, hashes, dropped
 
 
-class _Collector:
-    """Gathers cleaned chunks in order, dropping exact duplicates within the source (first one wins)."""
+def _dedup(prep: Prepared, n_read: int, result: tuple[pa.Table, list[str], Counter], seen: set[str]) -> pa.Table:
+    """Account one cleaned chunk in ``prep`` and drop exact duplicates of anything in ``seen`` (first one wins)."""
+    table, hashes, dropped = result
+    prep.read += n_read
+    prep.dropped.update(dropped)
+    mask = [h not in seen and not seen.add(h) for h in hashes]  # set.add returns None
+    n_dup = len(mask) - sum(mask)
+    if n_dup:
+        prep.dropped["exact_duplicate"] += n_dup
+        table = table.filter(pa.array(mask))
+    return table
 
-    def __init__(self, prep: Prepared):
-        self.prep, self.seen, self.parts = prep, set(), [prep.table]
 
-    def add(self, n_read: int, result: tuple[pa.Table, list[str], Counter]) -> None:
-        table, hashes, dropped = result
-        self.prep.read += n_read
-        self.prep.dropped.update(dropped)
-        seen = self.seen
-        mask = [h not in seen and not seen.add(h) for h in hashes]  # set.add returns None
-        n_dup = len(mask) - sum(mask)
-        if n_dup:
-            self.prep.dropped["exact_duplicate"] += n_dup
-            table = table.filter(pa.array(mask))
-        self.parts.append(table)
+def _workers(workers: int | None, expected: int) -> int:
+    """How many cleaning processes: all cores, unless the source is too small to repay starting them."""
+    workers = workers if workers is not None else (os.cpu_count() or 1)
+    return 1 if expected and expected < PARALLEL_MIN_DOCS else workers
 
-    def finish(self) -> Prepared:
-        self.prep.table = pa.concat_tables(self.parts).combine_chunks()
-        return self.prep
+
+@contextlib.contextmanager
+def _cleaning_pool(workers: int) -> Iterator[Any]:
+    """Worker processes for cleaning (None for one), forked here: before the caller opens DuckDB, so that no
+    worker inherits a live database and its threads, and with no importable ``__main__`` needed."""
+    if workers < 2:
+        yield None
+        return
+    pool = multiprocessing.get_context("fork").Pool(workers)
+    try:
+        yield pool
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def _cleaned(chunks: Iterable[tuple[list[int], list[str]]], cfg: IngestConfig, pool: Any, workers: int,
+             objects: list[str | None] | None = None) -> Iterator[tuple[int, tuple[pa.Table, list[str], Counter]]]:
+    """(documents read, cleaned chunk) in source order; reading overlaps cleaning, 2 jobs per worker in flight."""
+    if pool is None:
+        done = 0
+        for lines, texts in chunks:
+            part = None if objects is None else objects[done:done + len(texts)]
+            yield len(texts), clean_chunk(lines, texts, part, cfg.min_chars, cfg.max_chars)
+            done += len(texts)
+        return
+    pending: deque = deque()
+    for lines, texts in chunks:
+        pending.append((len(texts), pool.apply_async(clean_chunk, (lines, texts, None, cfg.min_chars, cfg.max_chars))))
+        while len(pending) > 2 * workers:
+            n, job = pending.popleft()
+            yield n, job.get()
+    while pending:
+        n, job = pending.popleft()
+        yield n, job.get()
 
 
 def prepare(chunks: Iterable[tuple[list[int], list[str]]], prep: Prepared, cfg: IngestConfig,
             workers: int | None = None, objects: list[str | None] | None = None, expected: int = 0) -> Prepared:
     """Clean batches of (line numbers, texts) into ``prep``, in worker processes when there are many."""
-    workers = workers if workers is not None else (os.cpu_count() or 1)
-    out = _Collector(prep)
-    if workers < 2 or (expected and expected < PARALLEL_MIN_DOCS) or objects is not None:
-        done = 0
-        for lines, texts in chunks:
-            part = None if objects is None else objects[done:done + len(texts)]
-            out.add(len(texts), clean_chunk(lines, texts, part, cfg.min_chars, cfg.max_chars))
-            done += len(texts)
-        return out.finish()
-    # fork: workers start at once and need no importable __main__; the caller holds no DuckDB connection now
-    ctx = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-        pending: deque = deque()
-        for lines, texts in chunks:  # reading overlaps with cleaning; at most 2 jobs per worker in flight
-            pending.append((len(texts), pool.submit(clean_chunk, lines, texts, None, cfg.min_chars, cfg.max_chars)))
-            while len(pending) > 2 * workers:
-                n, fut = pending.popleft()
-                out.add(n, fut.result())
-        while pending:
-            n, fut = pending.popleft()
-            out.add(n, fut.result())
-    return out.finish()
+    workers = 1 if objects is not None else _workers(workers, expected)
+    seen: set[str] = set()
+    parts = [prep.table]
+    with _cleaning_pool(workers) as pool:
+        for n, result in _cleaned(chunks, cfg, pool, workers, objects):
+            parts.append(_dedup(prep, n, result, seen))
+    prep.table = pa.concat_tables(parts).combine_chunks()
+    return prep
 
 
 def read_builtin(cfg: IngestConfig) -> Prepared:
@@ -330,8 +350,37 @@ def _drop_near_duplicates(con: duckdb.DuckDBPyConnection, prep: Prepared, cfg: I
     return sigs[~drop]
 
 
+def _insert_documents(con: duckdb.DuckDBPyConnection, table: pa.Table, first_id: int, source_id: int,
+                      cfg: IngestConfig) -> np.ndarray:
+    """Insert cleaned rows as documents ``first_id``, ``first_id + 1``, ...; returns their ids."""
+    ids = np.arange(first_id, first_id + table.num_rows, dtype=np.int64)
+    con.register("_final", table.append_column("doc_id", pa.array(ids)))
+    con.execute(f"""INSERT INTO documents SELECT doc_id, {int(source_id)}, line, text, length(text), strlen(text),
+                    hash, {_split_sql(cfg)}, object FROM _final""")
+    con.unregister("_final")
+    return ids
+
+
+def _new_source(con: duckdb.DuckDBPyConnection) -> tuple[int, int]:
+    """A new source id and the first free document id."""
+    source_id = con.sql("SELECT nextval('source_id_seq')").fetchall()[0][0]
+    return source_id, con.sql("SELECT coalesce(max(doc_id), 0) FROM documents").fetchall()[0][0] + 1
+
+
+def _finish_source(con: duckdb.DuckDBPyConnection, source_id: int, prep: Prepared, kept: int) -> dict[str, int]:
+    """The source's row and its drop counts."""
+    con.execute(
+        "INSERT INTO sources VALUES (?, ?, ?, ?, ?, ?, ?, now())",
+        [source_id, prep.uri, prep.sha256, prep.bytes, prep.format, prep.read, kept],
+    )
+    dropped = {r: n for r, n in prep.dropped.items() if n}
+    if dropped:
+        con.executemany("INSERT INTO drops VALUES (?, ?, ?)", [[source_id, r, n] for r, n in dropped.items()])
+    return dropped
+
+
 def _write_source(con: duckdb.DuckDBPyConnection, prep: Prepared, cfg: IngestConfig) -> SourceReport:
-    """Everything for one source inside one transaction; rolled back on any error."""
+    """A fully prepared source (near dedup needs all of it at once) inside one transaction."""
     t0 = time.perf_counter()
     con.begin()
     try:
@@ -340,22 +389,11 @@ def _write_source(con: duckdb.DuckDBPyConnection, prep: Prepared, cfg: IngestCon
         if cfg.near_dedup:
             _backfill_signatures(con, cfg)
             sigs = _drop_near_duplicates(con, prep, cfg)
-        source_id = con.sql("SELECT nextval('source_id_seq')").fetchall()[0][0]
-        base = con.sql("SELECT coalesce(max(doc_id), 0) FROM documents").fetchall()[0][0]
-        ids = np.arange(base + 1, base + 1 + prep.table.num_rows, dtype=np.int64)
-        con.register("_final", prep.table.append_column("doc_id", pa.array(ids)))
-        con.execute(f"""INSERT INTO documents SELECT doc_id, {int(source_id)}, line, text, length(text), strlen(text),
-                        hash, {_split_sql(cfg)}, object FROM _final""")
-        con.unregister("_final")
+        source_id, first_id = _new_source(con)
+        ids = _insert_documents(con, prep.table, first_id, source_id, cfg)
         if sigs is not None and len(sigs):
             _insert_signatures(con, ids, sigs, cfg)
-        con.execute(
-            "INSERT INTO sources VALUES (?, ?, ?, ?, ?, ?, ?, now())",
-            [source_id, prep.uri, prep.sha256, prep.bytes, prep.format, prep.read, len(ids)],
-        )
-        dropped = {r: n for r, n in prep.dropped.items() if n}
-        if dropped:
-            con.executemany("INSERT INTO drops VALUES (?, ?, ?)", [[source_id, r, n] for r, n in dropped.items()])
+        dropped = _finish_source(con, source_id, prep, len(ids))
         if prep.stdlib:
             _write_objects(con, prep.stdlib, source_id)
         con.commit()
@@ -363,6 +401,38 @@ def _write_source(con: duckdb.DuckDBPyConnection, prep: Prepared, cfg: IngestCon
         con.rollback()
         raise
     return SourceReport(prep.uri, "ingested", prep.bytes, prep.read, len(ids), dropped, time.perf_counter() - t0)
+
+
+def _stream_source(ws: Workspace, src: Source, cfg: IngestConfig, digest: tuple[str, int],
+                   workers: int | None = None) -> SourceReport:
+    """Exact-dedup ingestion of one source, writing each cleaned chunk as it arrives, in one transaction.
+
+    Writing overlaps cleaning; a bad record anywhere in the source rolls the whole source back.
+    """
+    t0 = time.perf_counter()
+    prep = Prepared(src.uri, digest[0], digest[1], src.format)
+    chunks = read_batches(src, unit=cfg.unit, text_field=cfg.text_field, batch_size=CHUNK_DOCS)
+    n_workers = _workers(workers, digest[1] // 100 if not src.remote else 0)
+    with _cleaning_pool(n_workers) as pool, warehouse.connect(ws) as con:
+        con.begin()
+        try:
+            seen = {h for (h,) in con.sql("SELECT hash FROM documents").fetchall()}
+            source_id, first_id = _new_source(con)
+            next_id, buffered = first_id, []
+            for n, result in _cleaned(chunks, cfg, pool, n_workers):
+                buffered.append(_dedup(prep, n, result, seen))
+                if sum(t.num_rows for t in buffered) >= INSERT_ROWS:  # each INSERT has a fixed cost
+                    next_id += len(_insert_documents(con, pa.concat_tables(buffered), next_id, source_id, cfg))
+                    buffered = []
+            if buffered:
+                next_id += len(_insert_documents(con, pa.concat_tables(buffered), next_id, source_id, cfg))
+            kept = next_id - first_id
+            dropped = _finish_source(con, source_id, prep, kept)
+            con.commit()
+        except BaseException:
+            con.rollback()
+            raise
+    return SourceReport(prep.uri, "ingested", prep.bytes, prep.read, kept, dropped, time.perf_counter() - t0)
 
 
 def _write_objects(con: duckdb.DuckDBPyConnection, objects: list[DocObject], source_id: int) -> None:
@@ -415,8 +485,8 @@ def ingest(
 
 
 def _ingest_one(ws: Workspace, src: Source | None, cfg: IngestConfig) -> SourceReport:
-    # The warehouse is closed while the source is read and cleaned: cleaning forks worker processes,
-    # which must not inherit a live DuckDB instance and its threads.
+    # Cleaning forks worker processes, which must not inherit a live DuckDB instance and its threads:
+    # the pool starts before the warehouse is opened (and the connection used to check is closed).
     if src is None:
         uri = builtin_uri(cfg.builtin_modules)
         with warehouse.connect(ws) as con:
@@ -428,6 +498,8 @@ def _ingest_one(ws: Workspace, src: Source | None, cfg: IngestConfig) -> SourceR
         with warehouse.connect(ws) as con:
             if _already_ingested(con, sha256=sha):
                 return SourceReport(src.uri, "skipped", size)
+        if not cfg.near_dedup:
+            return _stream_source(ws, src, cfg, (sha, size))
         prep = read_source(src, cfg, (sha, size))
     with warehouse.connect(ws) as con:
         return _write_source(con, prep, cfg)

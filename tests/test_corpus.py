@@ -217,10 +217,36 @@ def test_parallel_cleaning_matches_serial(tmp_path, monkeypatch):
     src = resolve_sources([str(path)])[0]
     serial = corpus.read_source(src, IngestConfig(), workers=1)
     jobs = []
-    real_pool = corpus.ProcessPoolExecutor
-    monkeypatch.setattr(corpus, "ProcessPoolExecutor", lambda *a, **k: jobs.append(a) or real_pool(*a, **k))
+    real_pool = corpus._cleaning_pool
+    monkeypatch.setattr(corpus, "_cleaning_pool", lambda n: jobs.append(n) or real_pool(n))
     parallel = corpus.read_source(src, IngestConfig(), workers=2)
-    assert jobs, "the parallel path was not taken"
+    assert jobs == [2], "the parallel path was not taken"
     assert parallel.table.equals(serial.table)
     assert parallel.dropped == serial.dropped == {"exact_duplicate": 430, "too_short": 1}
     assert serial.table.num_rows == 170 and serial.read == 601
+
+
+def test_streamed_ingestion_matches_and_a_late_bad_line_rolls_back_every_chunk(workspace, tmp_path, monkeypatch):
+    from lmpipe import corpus, sources
+
+    monkeypatch.setattr(sources, "_BLOCK_BYTES", 256)  # many small chunks, written one by one
+    monkeypatch.setattr(corpus, "PARALLEL_MIN_DOCS", 0)
+    lines = [f"streamed line number {i % 90} with enough text to keep" for i in range(300)]
+    good = tmp_path / "good.txt"
+    good.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    report = _ingest(workspace, good)
+    assert report.sources[0].kept == 90 and report.sources[0].dropped == {"exact_duplicate": 210}
+    assert [t for t, *_ in _docs(workspace)] == lines[:90]
+    with warehouse.connect(workspace, read_only=True) as con:
+        ids = [i for (i,) in con.sql("SELECT doc_id FROM documents ORDER BY doc_id").fetchall()]
+    assert ids == list(range(1, 91))
+
+    bad = tmp_path / "late_bad.txt"
+    bad.write_bytes(("\n".join(f"fresh line {i} that is new to the warehouse" for i in range(200)) + "\n").encode()
+                    + b"broken \xff line\n")
+    before = (_docs(workspace), _drops(workspace))
+    with pytest.raises(IngestError, match=r"late_bad\.txt:201: invalid UTF-8"):
+        _ingest(workspace, bad)
+    assert (_docs(workspace), _drops(workspace)) == before
+    with warehouse.connect(workspace, read_only=True) as con:
+        assert con.sql("SELECT count(*) FROM sources").fetchall()[0][0] == 1
