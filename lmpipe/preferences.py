@@ -38,7 +38,6 @@ Every built-in pair inherits the split of the object's document, as the instruct
 from __future__ import annotations
 
 import contextlib
-import gzip
 import hashlib
 import itertools
 import json
@@ -49,18 +48,17 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import duckdb
 import pyarrow as pa
-import zstandard
 
-from lmpipe import grounded, warehouse
+from lmpipe import grounded, sources, warehouse
 from lmpipe.chat import ROLES, Message, check_turns
 from lmpipe.config import IngestConfig
 from lmpipe.corpus import split_of, text_hash
 from lmpipe.instructions import phrasings, summary
-from lmpipe.sources import IngestError, Source, resolve_sources, source_digest
+from lmpipe.sources import Source, resolve_sources, source_digest
 from lmpipe.workspace import Workspace
 
 SPLITS = ("train", "val", "test")
@@ -248,65 +246,9 @@ def parse_record(record: Any, line: int) -> Pair:
 # reading files
 
 
-def _open(source: Source) -> BinaryIO:
-    raw = open(source.uri, "rb")  # noqa: SIM115 - the caller closes it
-    if source.compression == "gzip":
-        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
-    if source.compression == "zstd":
-        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=True)
-    return raw
-
-
-def _jsonl_pairs(source: Source) -> Iterator[Pair]:
-    try:
-        stream = _open(source)
-    except OSError as exc:
-        raise IngestError(source.uri, None, f"cannot open: {exc.strerror}") from exc
-    with stream:
-        for number, raw in enumerate(stream, start=1):
-            try:
-                line = raw.decode("utf-8").strip()
-            except UnicodeDecodeError:
-                raise IngestError(source.uri, number, "invalid UTF-8") from None
-            if not line:
-                continue
-            try:
-                yield parse_record(json.loads(line), number)
-            except json.JSONDecodeError as exc:
-                raise IngestError(source.uri, number, f"malformed JSON: {exc.msg} (column {exc.colno})") from None
-            except ValueError as exc:
-                raise IngestError(source.uri, number, str(exc)) from None
-
-
-def _parquet_pairs(source: Source) -> Iterator[Pair]:
-    con = duckdb.connect()
-    try:
-        rel = con.execute("SELECT * FROM read_parquet(?)", [source.uri])
-        names = [d[0] for d in rel.description]
-        rows = rel.fetchall()
-    except duckdb.Error as exc:
-        raise IngestError(source.uri, None, f"cannot read as Parquet: {exc}") from exc
-    finally:
-        con.close()
-    for number, row in enumerate(rows, start=1):
-        record = {k: v for k, v in zip(names, row, strict=True) if v is not None}
-        try:
-            yield parse_record(record, number)
-        except ValueError as exc:
-            raise IngestError(source.uri, None, f"row {number}: {exc}") from None
-
-
 def read_pairs(source: Source) -> list[Pair]:
     """Every pair of a JSONL or Parquet file, validated; raises IngestError at the first bad record."""
-    if source.format == "jsonl" and not source.remote:
-        pairs = list(_jsonl_pairs(source))
-    elif source.format == "parquet":
-        pairs = list(_parquet_pairs(source))
-    else:
-        raise IngestError(source.uri, None, "preferences are read from local .jsonl (.gz, .zst) or .parquet files")
-    if not pairs:
-        raise IngestError(source.uri, None, "empty file: no preference records")
-    return pairs
+    return sources.read_records(source, parse_record, "preference")
 
 
 # ----------------------------------------------------------------------------------------------

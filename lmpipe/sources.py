@@ -17,13 +17,15 @@ import io
 import json
 import os
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 from urllib.parse import urlsplit
 
 import duckdb
 import zstandard
+
+T = TypeVar("T")
 
 FORMATS = ("text", "jsonl", "json", "parquet", "csv")
 COMPRESSIONS = (None, "gzip", "zstd")
@@ -243,6 +245,63 @@ def _local_line_batches(source: Source) -> Iterator[tuple[list[int], list[str]]]
         for first, lines in _iter_lines(stream, source.uri):
             keep = [i for i, line in enumerate(lines) if line and not line.isspace()]
             yield [first + i for i in keep], [lines[i] for i in keep]
+
+
+def read_records(source: Source, parse: Callable[[dict, int], T], what: str) -> list[T]:
+    """Every record of a local JSONL (.gz, .zst) or a Parquet file, turned into ``T`` by ``parse(record, number)``.
+
+    For files whose records have several fields (instructions, preference pairs). ``parse`` raises ValueError
+    for a bad record; that becomes an IngestError naming the file and the line (JSONL) or row (Parquet). The
+    whole file is read and checked before the caller writes anything.
+    """
+    if source.format == "jsonl" and not source.remote:
+        records = list(_jsonl_records(source, parse))
+    elif source.format == "parquet":
+        records = list(_parquet_records(source, parse))
+    else:
+        raise IngestError(source.uri, None, f"{what}s are read from local .jsonl (.gz, .zst) or .parquet files")
+    if not records:
+        raise IngestError(source.uri, None, f"empty file: no {what} records")
+    return records
+
+
+def _jsonl_records(source: Source, parse: Callable[[dict, int], T]) -> Iterator[T]:
+    try:
+        raw = open(source.uri, "rb")  # noqa: SIM115 - closed by the with statement below
+    except OSError as exc:
+        raise IngestError(source.uri, None, f"cannot open: {exc.strerror}") from exc
+    with raw, _decompressed(raw, source.compression) as stream:
+        for number, data in enumerate(stream, start=1):
+            try:
+                line = data.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                raise IngestError(source.uri, number, "invalid UTF-8") from None
+            if not line:
+                continue
+            try:
+                yield parse(json.loads(line), number)
+            except json.JSONDecodeError as exc:
+                raise IngestError(source.uri, number, f"malformed JSON: {exc.msg} (column {exc.colno})") from None
+            except ValueError as exc:
+                raise IngestError(source.uri, number, str(exc)) from None
+
+
+def _parquet_records(source: Source, parse: Callable[[dict, int], T]) -> Iterator[T]:
+    con = duckdb.connect()
+    try:
+        rel = con.execute("SELECT * FROM read_parquet(?)", [source.uri])
+        names = [d[0] for d in rel.description]
+        rows = rel.fetchall()
+    except duckdb.Error as exc:
+        raise IngestError(source.uri, None, f"cannot read as Parquet: {exc}") from exc
+    finally:
+        con.close()
+    for number, row in enumerate(rows, start=1):
+        record = {k: v for k, v in zip(names, row, strict=True) if v is not None}
+        try:
+            yield parse(record, number)
+        except ValueError as exc:
+            raise IngestError(source.uri, None, f"row {number}: {exc}") from None
 
 
 def _require_documents(source: Source, documents: Iterator[tuple[int, str]]) -> Iterator[tuple[int, str]]:
