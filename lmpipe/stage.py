@@ -54,6 +54,26 @@ class NullLogger:
         pass
 
 
+class RecordingLogger(NullLogger):
+    """A logger that keeps everything in memory: for tests, notebooks and scripts that want the numbers."""
+
+    def __init__(self) -> None:
+        self.history: list[tuple[dict[str, float], int | None]] = []  # (values, step), in logging order
+        self.latest: dict[str, float] = {}  # the last value of each metric
+        self.texts: dict[str, str] = {}
+        self.artifacts: list[str] = []  # file names
+
+    def metrics(self, values: Mapping[str, float], step: int | None = None) -> None:
+        self.history.append((dict(values), step))
+        self.latest.update(values)
+
+    def artifact(self, path: Path, subdir: str | None = None) -> None:
+        self.artifacts.append(Path(path).name)
+
+    def text(self, text: str, name: str) -> None:
+        self.texts[name] = text
+
+
 @dataclass(frozen=True)
 class StageOutput:
     """What a stage function returns: a fingerprint of its data, its files and its headline metrics."""

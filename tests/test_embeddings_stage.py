@@ -10,30 +10,9 @@ from lmpipe import embeddings, ngram, scoring, vectors, warehouse
 from lmpipe.config import IngestConfig, load_config
 from lmpipe.corpus import ingest
 from lmpipe.pipeline import get_stage
-from lmpipe.stage import StageContext, StageResult
+from lmpipe.stage import RecordingLogger, StageContext, StageResult
 from lmpipe.state import save_stage_state
 from lmpipe.workspace import Workspace
-
-
-class RecordingLogger:
-    def __init__(self):
-        self.logged, self.steps, self.texts, self.artifacts = {}, [], {}, []
-
-    def metrics(self, values, step=None):
-        self.logged.update(values)
-        self.steps.append((step, dict(values)))
-
-    def params(self, values):
-        pass
-
-    def tags(self, values):
-        pass
-
-    def artifact(self, path, subdir=None):
-        self.artifacts.append(path)
-
-    def text(self, text, name):
-        self.texts[name] = text
 
 
 def _texts(ws, split):
@@ -83,7 +62,7 @@ def test_language_models_join_the_ngram_comparison(stage_run):
     for kind in ("nnlm", "rnnlm"):
         bpb = out.metrics[f"{kind}_test_bits_per_byte"]
         assert math.isfinite(bpb) and bpb > 0
-        assert f"{kind}.val_loss" in log.logged or f"{kind}.train_loss" in log.logged
+        assert f"{kind}.val_loss" in log.latest or f"{kind}.train_loss" in log.latest
     assert "## nnlm" in log.texts["embeddings_samples.md"] and "## rnnlm" in log.texts["embeddings_samples.md"]
     c = vectors.load_text(ws.abs(out.outputs["lm"]).parent / "nnlm_vectors.txt")
     assert c.words[:3] == ["<unk>", "<s>", "</s>"] and c.vectors.shape[1] == 8
@@ -97,9 +76,9 @@ def test_word2vec_outputs_losses_and_evaluation(stage_run):
         assert text.words == binary.words and binary.vectors.shape[1] == 16
         assert (folder / "projector" / "vectors.tsv").exists() and (folder / "pca.png").exists()
         # the loss is reported during training (steps in words) and per epoch
-        during = [v for step, v in log.steps if f"w2v_{variant}.loss" in v]
+        during = [v for v, step in log.history if f"w2v_{variant}.loss" in v]
         assert during and all(math.isfinite(v[f"w2v_{variant}.loss"]) for v in during)
-        assert [s for s, v in log.steps if f"w2v_{variant}.epoch_loss" in v] == [0, 1]
+        assert [s for v, s in log.history if f"w2v_{variant}.epoch_loss" in v] == [0, 1]
         assert "**json**" in log.texts[f"w2v_{variant}_neighbours_epoch2.md"]
         m = out.metrics
         assert m[f"w2v_{variant}_words_per_s"] > 0

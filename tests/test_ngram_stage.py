@@ -11,29 +11,9 @@ from lmpipe import ngram, scoring, warehouse, wordtok
 from lmpipe.arpa import read_arpa
 from lmpipe.config import IngestConfig, load_config
 from lmpipe.corpus import ingest
-from lmpipe.stage import StageContext, StageResult
+from lmpipe.stage import RecordingLogger, StageContext, StageResult
 from lmpipe.state import save_stage_state
 from lmpipe.workspace import Workspace
-
-
-class RecordingLogger:
-    def __init__(self):
-        self.logged, self.texts, self.artifacts = {}, {}, []
-
-    def metrics(self, values, step=None):
-        self.logged.update(values)
-
-    def params(self, values):
-        pass
-
-    def tags(self, values):
-        pass
-
-    def artifact(self, path, subdir=None):
-        self.artifacts.append(path)
-
-    def text(self, text, name):
-        self.texts[name] = text
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +41,7 @@ def test_stage_outputs_and_metrics(stage_run):
         assert ws.abs(out.outputs[name]).exists(), name
     for method in cfg.ngram.methods:
         for order in (1, 2):
-            assert f"{method}-{order}.val_bits_per_byte" in log.logged or method == "mle"
+            assert f"{method}-{order}.val_bits_per_byte" in log.latest or method == "mle"
             assert (ws.abs(out.outputs["models"]) / f"{method}-{order}.safetensors").exists()
     assert out.metrics["ngrams_order1"] > 0 and out.metrics["ngrams_order2"] > out.metrics["ngrams_order1"]
     assert 0 < out.metrics["oov_rate_val"] < 1
@@ -103,8 +83,8 @@ def test_scorer_reproduces_stage_metrics(stage_run):
     ws, _, out, log, result = stage_run
     val = _texts(ws, "val")
     s = scoring.score(ws, result, val, {"method": "kn", "order": 2})
-    assert s.bits_per_byte == pytest.approx(log.logged["kn-2.val_bits_per_byte"], rel=1e-5)
-    assert s.perplexity_unk == pytest.approx(log.logged["kn-2.val_perplexity_unk"], rel=1e-5)
+    assert s.bits_per_byte == pytest.approx(log.latest["kn-2.val_bits_per_byte"], rel=1e-5)
+    assert s.perplexity_unk == pytest.approx(log.latest["kn-2.val_perplexity_unk"], rel=1e-5)
     assert s.perplexity > s.perplexity_unk  # OOV words pay for their spelling
     assert s.bytes == scoring.text_bytes(val) == sum(len(t.encode()) + 1 for t in val)
     best = scoring.score(ws, result, val)

@@ -20,7 +20,7 @@ from lmpipe.checkpoint import checkpoint_steps, load_model_folder, save_model_fo
 from lmpipe.config import ConfigError, IngestConfig, PpoConfig, TokenizerConfig, load_config
 from lmpipe.gpt import GPT, GPTConfig
 from lmpipe.sft import answer
-from lmpipe.stage import NullLogger, StageContext, StageResult
+from lmpipe.stage import RecordingLogger, StageContext, StageResult
 
 torch.set_num_threads(1)
 
@@ -37,17 +37,6 @@ class LetterReward:
 
     def score(self, prompts, responses):
         return [r.count("a") / max(1, len(r)) for r in responses]
-
-
-class Recorder(NullLogger):
-    def __init__(self):
-        self.logged, self.artifacts = [], []
-
-    def metrics(self, values, step=None):
-        self.logged.append((dict(values), step))
-
-    def artifact(self, path, subdir=None):
-        self.artifacts.append(Path(path).name)
 
 
 def tiny_gpt(vocab_size: int = 384, seed: int = 0) -> GPT:
@@ -83,7 +72,7 @@ def run(tmp_path_factory, assets):
 
     ws = Workspace.resolve(tmp_path_factory.mktemp("ppo-run") / "ws")
     instructions.ingest_files(ws, [str(assets["data"])], IngestConfig())
-    log = Recorder()
+    log = RecordingLogger()
     result = ppo.ppo(ws, CFG, assets["sft"], LetterReward(), ws.root / "out", log, progress=False, builtin=False)
     return {"result": result, "log": log, "out": ws.root / "out"}
 
@@ -140,7 +129,7 @@ def test_load_gpt_turns_dropout_off(assets):
 
 
 def test_each_iteration_logs_its_metrics(run):
-    per_iter = [(m, s) for m, s in run["log"].logged if "kl_k1" in m]
+    per_iter = [(m, s) for m, s in run["log"].history if "kl_k1" in m]
     assert [s for _, s in per_iter] == list(range(CFG.iterations))
     keys = {"reward_raw", "reward", "kl_k1", "kl_k3", "beta", "entropy", "clip_frac", "approx_kl", "value_loss",
             "explained_variance", "response_length", "rollout_tokens_per_s", "update_tokens_per_s", "policy_loss"}
@@ -260,7 +249,7 @@ def test_stage_writes_reports_and_generate_answers_with_the_aligned_model(ws, as
     rm_dir = reward_folder(assets, ws.root)
     inputs = {"sft": StageResult("sft", "k", "f", {"model": str(assets["sft"])}, {}),
               "reward": StageResult("reward", "k", "f", {"model": str(rm_dir)}, {})}
-    log = Recorder()
+    log = RecordingLogger()
     out = ppo.run_stage(StageContext(ws, cfg, inputs, ws.root / "artifacts" / "ppo", log, progress=False))
     assert {"model", "tokenizer", "metrics", "comparison", "samples", "samples_json", "frontier"} <= set(out.outputs)
     assert all(ws.abs(p).exists() for p in out.outputs.values())

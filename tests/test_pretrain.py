@@ -18,7 +18,7 @@ from lmpipe.bpe import train_tokenizer
 from lmpipe.checkpoint import checkpoint_steps, load_model_folder
 from lmpipe.config import ConfigError, PretrainConfig, TokenizerConfig, load_config
 from lmpipe.gpt import GPT, GPTConfig
-from lmpipe.stage import StageContext, StageResult
+from lmpipe.stage import RecordingLogger, StageContext, StageResult
 
 torch.set_num_threads(1)
 
@@ -49,26 +49,6 @@ def shard_dir(tmp_path_factory) -> Path:
                                  "bytes": sum(len(d.encode("utf-8")) + 1 for d in docs)}
     (out / "meta.json").write_text(json.dumps(meta))
     return out
-
-
-class Recorder:
-    def __init__(self):
-        self.metrics_logged, self.texts, self.artifacts = [], {}, []
-
-    def metrics(self, values, step=None):
-        self.metrics_logged.append((dict(values), step))
-
-    def params(self, values):
-        pass
-
-    def tags(self, values):
-        pass
-
-    def artifact(self, path, subdir=None):
-        self.artifacts.append(Path(path).name)
-
-    def text(self, text, name):
-        self.texts[name] = text
 
 
 def test_pretrain_learns_and_reports_bits_per_byte(tmp_path, shard_dir):
@@ -144,7 +124,7 @@ def test_stage_outputs_logging_scoring_and_generate_command(workspace, shard_dir
     from lmpipe.state import save_stage_state
 
     shards_here = _copy_shards(shard_dir, workspace.root / "artifacts" / "tokenizer" / "k")
-    log = Recorder()
+    log = RecordingLogger()
     out = pt.run_stage(_context(workspace, shards_here, log))
     assert set(out.outputs) == {"model", "tokenizer", "samples", "hf"}
     assert all(workspace.abs(p).exists() for p in out.outputs.values())
@@ -152,7 +132,7 @@ def test_stage_outputs_logging_scoring_and_generate_command(workspace, shard_dir
     assert {"val_loss", "val_ppl", "val_bpb", "test_bpb", "params"} <= set(out.metrics)
     assert set(log.texts) == {"samples/step_000000.md", "samples/step_000003.md", "samples/step_000006.md"}
     assert "Return the" in log.texts["samples/step_000006.md"]
-    per_step = [s for v, s in log.metrics_logged if {"train_loss", "lr", "grad_norm", "tokens_per_s"} <= set(v)]
+    per_step = [s for v, s in log.history if {"train_loss", "lr", "grad_norm", "tokens_per_s"} <= set(v)]
     assert per_step == list(range(6))
     assert "metrics.json" in log.artifacts
 

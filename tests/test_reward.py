@@ -23,7 +23,7 @@ from lmpipe.corpus import text_hash
 from lmpipe.gpt import GPT, GPTConfig
 from lmpipe.preferences import Pair
 from lmpipe.pretrain import load_lm
-from lmpipe.stage import StageContext, StageResult
+from lmpipe.stage import RecordingLogger, StageContext, StageResult
 
 torch.set_num_threads(1)
 
@@ -147,26 +147,6 @@ def assets(tmp_path_factory) -> dict[str, Path]:
     return {"model": model_dir, "data": path}
 
 
-class Recorder:
-    def __init__(self):
-        self.metrics_logged, self.artifacts = [], []
-
-    def metrics(self, values, step=None):
-        self.metrics_logged.append((dict(values), step))
-
-    def params(self, values):
-        pass
-
-    def tags(self, values):
-        pass
-
-    def artifact(self, path, subdir=None):
-        self.artifacts.append(Path(path).name)
-
-    def text(self, text, name):
-        pass
-
-
 def _context(ws, assets, cfg: RewardConfig, key: str = "k", log=None, extra: tuple[str, ...] = ()) -> StageContext:
     local = ws.root / "inputs" / "sft"
     if not local.exists():
@@ -176,11 +156,12 @@ def _context(ws, assets, cfg: RewardConfig, key: str = "k", log=None, extra: tup
     inputs = {"ingest": StageResult("ingest", "k", "f", {}, {}),
               "sft": StageResult("sft", "k", "f", {"model": "inputs/sft"}, {})}
     config = replace(load_config(None), reward=replace(cfg, sources=(str(assets["data"]), *extra)))
-    return StageContext(ws, config, inputs, ws.stage_dir("reward", key * 16), log=log or Recorder(), progress=False)
+    out_dir = ws.stage_dir("reward", key * 16)
+    return StageContext(ws, config, inputs, out_dir, log=log or RecordingLogger(), progress=False)
 
 
 def test_stage_learns_what_the_baselines_cannot_and_scores_through_the_loader(workspace, assets):
-    log = Recorder()
+    log = RecordingLogger()
     out = reward.run_stage(_context(workspace, assets, CFG, log=log))
     m = out.metrics
     assert (m["pairs_used_train"], m["pairs_used_val"], m["pairs_used_test"]) == (84, 12, 24)
@@ -192,7 +173,7 @@ def test_stage_learns_what_the_baselines_cannot_and_scores_through_the_loader(wo
     assert ws_file(workspace, out, "margins_plot").read_bytes()[:4] == b"\x89PNG"
     assert {"evaluation.md", "metrics.json", "reward_margins.png", "calibration.png"} <= set(log.artifacts)
     assert "| file | 24 |" in ws_file(workspace, out, "evaluation").read_text()
-    assert [s for v, s in log.metrics_logged if "train_loss" in v] == list(range(40))
+    assert [s for v, s in log.history if "train_loss" in v] == list(range(40))
 
     model_dir = ws_file(workspace, out, "model")
     config = json.loads((model_dir / "config.json").read_text())

@@ -19,7 +19,7 @@ from lmpipe.chat import ChatTemplate, Rendered, conversation
 from lmpipe.checkpoint import checkpoint_steps, load_model_folder, save_model_folder
 from lmpipe.config import ConfigError, IngestConfig, SftConfig, TokenizerConfig, load_config
 from lmpipe.gpt import GPT, GPTConfig
-from lmpipe.stage import StageContext, StageResult
+from lmpipe.stage import RecordingLogger, StageContext, StageResult
 
 torch.set_num_threads(1)
 
@@ -121,26 +121,6 @@ def test_row_stream_is_a_pure_function_of_the_row_index():
 # the stage
 
 
-class Recorder:
-    def __init__(self):
-        self.metrics_logged, self.artifacts = [], []
-
-    def metrics(self, values, step=None):
-        self.metrics_logged.append((dict(values), step))
-
-    def params(self, values):
-        pass
-
-    def tags(self, values):
-        pass
-
-    def artifact(self, path, subdir=None):
-        self.artifacts.append(Path(path).name)
-
-    def text(self, text, name):
-        pass
-
-
 def _context(ws, assets, cfg: SftConfig, log=None, key: str = "k") -> StageContext:
     local = ws.root / "inputs"
     if not local.exists():
@@ -153,11 +133,11 @@ def _context(ws, assets, cfg: SftConfig, log=None, key: str = "k") -> StageConte
               "tokenizer": StageResult("tokenizer", "k", "f", {"shards": "inputs/shards"}, {}),
               "pretrain": StageResult("pretrain", "k", "f", {"model": "inputs/model"}, {})}
     config = replace(load_config(None), sft=cfg)
-    return StageContext(ws, config, inputs, ws.stage_dir("sft", key * 16), log=log or Recorder(), progress=False)
+    return StageContext(ws, config, inputs, ws.stage_dir("sft", key * 16), log=log or RecordingLogger(), progress=False)
 
 
 def test_stage_trains_on_responses_and_beats_the_pretrained_model(ws, assets):
-    log = Recorder()
+    log = RecordingLogger()
     out = sft.run_stage(_context(ws, assets, CFG, log))
     assert {"model", "tokenizer", "metrics", "comparison", "samples", "samples_json"} <= set(out.outputs)
     assert all(ws.abs(p).exists() for p in out.outputs.values())
@@ -179,7 +159,7 @@ def test_stage_trains_on_responses_and_beats_the_pretrained_model(ws, assets):
     table = ws.abs(out.outputs["comparison"]).read_text()
     assert "| pretrained |" in table and "| sft |" in table and "| change |" in table
     assert {"samples.md", "comparison.md", "metrics.json"} <= set(log.artifacts)
-    per_step = [s for v, s in log.metrics_logged if "train_loss" in v]
+    per_step = [s for v, s in log.history if "train_loss" in v]
     assert per_step == list(range(30))
     config = json.loads((ws.abs(out.outputs["model"]) / "config.json").read_text())
     assert config["chat_template"] == "lmpipe-chat-1" and config["eot_id"] == 0
