@@ -173,20 +173,30 @@ def _dedup(prep: Prepared, n_read: int, result: tuple[pa.Table, list[str], Count
     return table
 
 
-def _workers(workers: int | None, expected: int) -> int:
-    """How many cleaning processes: all cores, unless the source is too small to repay starting them."""
+def _workers(workers: int | None, expected: int | None) -> int:
+    """How many cleaning processes: all cores, unless the source is too small to repay starting them.
+
+    `expected` is a rough document count, None when unknown (a remote source of unknown size).
+    """
     workers = workers if workers is not None else (os.cpu_count() or 1)
-    return 1 if expected and expected < PARALLEL_MIN_DOCS else workers
+    return 1 if expected is not None and expected < PARALLEL_MIN_DOCS else workers
 
 
 @contextlib.contextmanager
 def _cleaning_pool(workers: int) -> Iterator[Any]:
-    """Worker processes for cleaning (None for one), forked here: before the caller opens DuckDB, so that no
-    worker inherits a live database and its threads, and with no importable ``__main__`` needed."""
+    """Worker processes for cleaning (None for one).
+
+    They come from a fork server, not a plain fork: the caller is usually a Prefect task in a process with
+    API, logging and event threads, and a child forked from it can inherit a lock some thread held at that
+    moment and wait on it forever. The fork server is a fresh single-threaded interpreter that has imported
+    this module once, so workers start fast, inherit no DuckDB connection and need no importable ``__main__``.
+    """
     if workers < 2:
         yield None
         return
-    pool = multiprocessing.get_context("fork").Pool(workers)
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    pool = ctx.Pool(workers)
     try:
         yield pool
     finally:
@@ -216,7 +226,8 @@ def _cleaned(chunks: Iterable[tuple[list[int], list[str]]], cfg: IngestConfig, p
 
 
 def prepare(chunks: Iterable[tuple[list[int], list[str]]], prep: Prepared, cfg: IngestConfig,
-            workers: int | None = None, objects: list[str | None] | None = None, expected: int = 0) -> Prepared:
+            workers: int | None = None, objects: list[str | None] | None = None,
+            expected: int | None = None) -> Prepared:
     """Clean batches of (line numbers, texts) into ``prep``, in worker processes when there are many."""
     workers = 1 if objects is not None else _workers(workers, expected)
     seen: set[str] = set()
@@ -244,7 +255,7 @@ def read_source(src: Source, cfg: IngestConfig, digest: tuple[str, int] | None =
     sha, size = digest or source_digest(src)
     prep = Prepared(src.uri, sha, size, src.format)
     chunks = read_batches(src, unit=cfg.unit, text_field=cfg.text_field, batch_size=CHUNK_DOCS)
-    expected = size // 100 if not src.remote else 0  # a rough document count, only to choose serial or parallel
+    expected = size // 100 if not src.remote else None  # a rough document count, to choose serial or parallel
     return prepare(chunks, prep, cfg, workers=workers, expected=expected)
 
 
@@ -412,7 +423,7 @@ def _stream_source(ws: Workspace, src: Source, cfg: IngestConfig, digest: tuple[
     t0 = time.perf_counter()
     prep = Prepared(src.uri, digest[0], digest[1], src.format)
     chunks = read_batches(src, unit=cfg.unit, text_field=cfg.text_field, batch_size=CHUNK_DOCS)
-    n_workers = _workers(workers, digest[1] // 100 if not src.remote else 0)
+    n_workers = _workers(workers, digest[1] // 100 if not src.remote else None)
     with _cleaning_pool(n_workers) as pool, warehouse.connect(ws) as con:
         con.begin()
         try:
