@@ -52,3 +52,20 @@ def workspace(tmp_path):
 def experiment(request) -> str:
     """An MLflow experiment name of this test's own in the session's store."""
     return f"test-{request.node.name}-{os.getpid()}"[:200]
+
+
+@pytest.fixture(scope="session")
+def micro_run(prefect_server, tmp_path_factory):
+    """All eight stages run once per session with the MICRO overrides (about 20 s).
+
+    Returns ``(workspace, flow output, overrides)``. Tests must not change this workspace; copy it first
+    (``shutil.copytree``) to change or rerun anything.
+    """
+    from flows.pipeline import run_pipeline
+    from lmpipe.workspace import Workspace
+    from micro import MICRO
+
+    ws = Workspace.resolve(tmp_path_factory.mktemp("micro") / "ws")
+    overrides = [*MICRO, "tracking.experiment=micro-session"]
+    out = run_pipeline(str(ws.root), preset="tiny", overrides=overrides)
+    return ws, out, overrides
