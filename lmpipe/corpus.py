@@ -16,6 +16,8 @@ import hashlib
 import json
 import multiprocessing
 import os
+import queue
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -414,6 +416,49 @@ def _write_source(con: duckdb.DuckDBPyConnection, prep: Prepared, cfg: IngestCon
     return SourceReport(prep.uri, "ingested", prep.bytes, prep.read, len(ids), dropped, time.perf_counter() - t0)
 
 
+class _Inserter:
+    """Runs the INSERTs of a streamed source on a thread of their own.
+
+    DuckDB releases the GIL while it executes, so the batch being written overlaps reading and deduplicating
+    the next ones. The connection is used only by this thread between ``__enter__`` and ``__exit__``; an
+    INSERT that fails is re-raised in the caller at the next ``put`` or at exit.
+    """
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, source_id: int, cfg: IngestConfig) -> None:
+        self.con, self.source_id, self.cfg = con, source_id, cfg
+        self.jobs: queue.Queue = queue.Queue(maxsize=2)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._work, name="lmpipe-insert", daemon=True)
+
+    def __enter__(self) -> _Inserter:
+        self.thread.start()
+        return self
+
+    def _work(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            if self.error is None:  # after a failure, drain without writing
+                try:
+                    _insert_documents(self.con, *job, self.source_id, self.cfg)
+                except BaseException as exc:  # handed to the caller
+                    self.error = exc
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def put(self, table: pa.Table, first_id: int) -> int:
+        """Queue ``table`` as documents ``first_id``...; returns its row count."""
+        self._raise()
+        self.jobs.put((table, first_id))
+        return table.num_rows
+
+    def __exit__(self, *exc: object) -> None:
+        self.jobs.put(None)
+        self.thread.join()
+        if exc[0] is None:
+            self._raise()
+
+
 def _stream_source(ws: Workspace, src: Source, cfg: IngestConfig, digest: tuple[str, int],
                    workers: int | None = None) -> SourceReport:
     """Exact-dedup ingestion of one source, writing each cleaned chunk as it arrives, in one transaction.
@@ -430,13 +475,14 @@ def _stream_source(ws: Workspace, src: Source, cfg: IngestConfig, digest: tuple[
             seen = {h for (h,) in con.sql("SELECT hash FROM documents").fetchall()}
             source_id, first_id = _new_source(con)
             next_id, buffered = first_id, []
-            for n, result in _cleaned(chunks, cfg, pool, n_workers):
-                buffered.append(_dedup(prep, n, result, seen))
-                if sum(t.num_rows for t in buffered) >= INSERT_ROWS:  # each INSERT has a fixed cost
-                    next_id += len(_insert_documents(con, pa.concat_tables(buffered), next_id, source_id, cfg))
-                    buffered = []
-            if buffered:
-                next_id += len(_insert_documents(con, pa.concat_tables(buffered), next_id, source_id, cfg))
+            with _Inserter(con, source_id, cfg) as inserter:
+                for n, result in _cleaned(chunks, cfg, pool, n_workers):
+                    buffered.append(_dedup(prep, n, result, seen))
+                    if sum(t.num_rows for t in buffered) >= INSERT_ROWS:  # each INSERT has a fixed cost
+                        next_id += inserter.put(pa.concat_tables(buffered), next_id)
+                        buffered = []
+                if buffered:
+                    next_id += inserter.put(pa.concat_tables(buffered), next_id)
             kept = next_id - first_id
             dropped = _finish_source(con, source_id, prep, kept)
             con.commit()

@@ -229,7 +229,8 @@ def test_parallel_cleaning_matches_serial(tmp_path, monkeypatch):
 def test_streamed_ingestion_matches_and_a_late_bad_line_rolls_back_every_chunk(workspace, tmp_path, monkeypatch):
     from lmpipe import corpus, sources
 
-    monkeypatch.setattr(sources, "_BLOCK_BYTES", 256)  # many small chunks, written one by one
+    monkeypatch.setattr(sources, "_BLOCK_BYTES", 256)  # many small chunks,
+    monkeypatch.setattr(corpus, "INSERT_ROWS", 10)  # written in many INSERTs by the writer thread
     monkeypatch.setattr(corpus, "PARALLEL_MIN_DOCS", 0)
     lines = [f"streamed line number {i % 90} with enough text to keep" for i in range(300)]
     good = tmp_path / "good.txt"
