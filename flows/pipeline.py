@@ -94,6 +94,44 @@ def _execute(
     return result, reused
 
 
+def _register_models(
+    stage: str, ws: Workspace, cfg: PipelineConfig, results: dict[str, StageResult], parent: RunLogger,
+    tracker: Tracker,
+) -> None:
+    """After the ppo (and reward) stage, register its model in the MLflow model registry, as configured.
+
+    A reused stage points at its existing version rather than adding one; the version's tags carry its
+    lineage: the pipeline run, the data fingerprint, the stage's cache key and the code's git commit.
+    """
+    t = cfg.tracking
+    names = {"ppo": t.registered_model, "reward": t.registered_reward_model if t.register_reward_model else ""}
+    name = names.get(stage)
+    result = results[stage] if name else None
+    if result is None or not result.run_id:
+        return
+    lineage = {"lmpipe.stage": stage, "lmpipe.pipeline_run_id": parent.run_id, "lmpipe.cache_key": result.cache_key,
+               "lmpipe.fingerprint": result.fingerprint, "lmpipe.data_fingerprint": results["ingest"].fingerprint,
+               **git_info()}
+    version, created = tracker.registry.register(name, result.run_id, ws.abs(result.outputs["model"]),
+                                                 t.register_alias, lineage)
+    parent.tags({f"lmpipe.registered.{stage}": f"{name}/{version.version}"})
+    get_run_logger().info("%s: model %s as %s version %s%s", stage, "registered" if created else "already registered",
+                          name, version.version, f", alias {t.register_alias}" if t.register_alias else "")
+
+
+def _publish_report(ws: Workspace, result: StageResult, parent: RunLogger) -> None:
+    """The evolution report on the pipeline run too: its files in MLflow, its table as a Prefect artifact."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from lmpipe.report import load_report, markdown
+
+    for name in ("json", "markdown", "html"):
+        if name in result.outputs:
+            parent.artifact(ws.abs(result.outputs[name]), "report")
+    create_markdown_artifact(markdown=markdown(load_report(ws.abs(result.outputs["json"]))), key="lmpipe-report",
+                             description="Every generation on the test split, side by side")
+
+
 @flow(name="lmpipe-pipeline", flow_run_name="pipeline-{workspace_name}", validate_parameters=False)
 def pipeline_flow(
     workspace: str,
@@ -122,12 +160,16 @@ def pipeline_flow(
         _log_config(parent, ws, cfg)
         results: dict[str, StageResult] = {}
         statuses: dict[str, str] = {}
+        stage_seconds: dict[str, float] = {}  # this run's time per stage (a reused one costs only the lookup)
         try:
             for stage in stages.STAGES:
                 if stage.name in selected:
                     refresh = stage.name in forced
+                    t_stage = time.time()
                     results[stage.name], reused = _execute(stage, ws, cfg, results, refresh, parent, tracker)
                     statuses[stage.name] = "reused" if reused else "completed"
+                    stage_seconds[f"stage_seconds.{stage.name}"] = time.time() - t_stage
+                    _register_models(stage.name, ws, cfg, results, parent, tracker)
                 else:
                     prior = load_stage_state(ws, stage.name)
                     if prior and prior.result:
@@ -139,7 +181,9 @@ def pipeline_flow(
                         )
             if "ingest" in results:
                 parent.tags({"lmpipe.data_fingerprint": results["ingest"].fingerprint})
-            parent.metrics({"wall_seconds": time.time() - t0})
+            if "report" in statuses:
+                _publish_report(ws, results["report"], parent)
+            parent.metrics({"wall_seconds": time.time() - t0, **stage_seconds})
             parent.end("FINISHED")
         except BaseException as exc:
             parent.tags({"lmpipe.error": f"{type(exc).__name__}: {exc}"[:5000]})

@@ -14,11 +14,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from lmpipe.config import ConfigError, PipelineConfig, load_config, preset_names, reference_markdown, to_dict
 from lmpipe.workspace import Workspace, WorkspaceBusy, apply_runtime_environment
+
+if TYPE_CHECKING:
+    from lmpipe.tracking import Registry
 
 WORKSPACE_HELP = "Workspace folder (default: $LMPIPE_WORKSPACE, else ./data/workspace)."
 
@@ -149,23 +153,39 @@ def _ingest_records(kind: str, paths: tuple[str, ...], ws: Workspace, cfg: Pipel
 @_config_options
 @click.option("--workspace", type=click.Path(file_okay=False), help=WORKSPACE_HELP)
 @click.option("--cron", help='Cron schedule, e.g. "0 3 * * 0" (Sundays at 03:00).')
-@click.option("--interval", type=float, help="Run every this many seconds instead of a cron schedule.")
-def schedule(preset, config_files, overrides, workspace, cron, interval) -> None:
-    """Serve the pipeline as a scheduled Prefect deployment (blocks; Ctrl-C stops it).
+@click.option("--interval", type=click.FloatRange(min=0, min_open=True),
+              help="Run every this many seconds instead of a cron schedule.")
+@click.option("--pool", metavar="WORK_POOL",
+              help="Register the deployment on this process work pool of $PREFECT_API_URL and return; "
+                   "the pool's workers run it.")
+@click.option("--name", help="Deployment name (default: retrain-<workspace folder name>).")
+def schedule(preset, config_files, overrides, workspace, cron, interval, pool, name) -> None:
+    """Run the pipeline on a schedule as a Prefect deployment.
 
-    Without PREFECT_API_URL, a local Prefect server is started on 127.0.0.1 for the workspace.
+    Without --pool it serves the deployment itself (blocks; Ctrl-C stops it), on the server at
+    PREFECT_API_URL or, without one, on a local Prefect server it starts on 127.0.0.1 for the workspace.
     """
     if (cron is None) == (interval is None):
         raise click.UsageError("give exactly one of --cron or --interval")
     cfg = _load(preset, config_files, overrides)
     ws = Workspace.resolve(workspace)
     apply_runtime_environment(ws)
-    from flows.schedule import serve
+    from flows.schedule import deploy, deployment_name, serve
 
     when = f"cron {cron}" if cron else f"every {interval:g} s"
-    click.echo(f"serving the pipeline on {ws.root} ({when}); Ctrl-C stops")
+    full_name = f"lmpipe-pipeline/{name or deployment_name(ws)}"
+    if pool:
+        try:
+            deployment_id = deploy(ws, cfg, pool, cron=cron, interval=interval, name=name)
+        except RuntimeError as exc:
+            raise click.ClickException(str(exc)) from exc
+        click.echo(f"deployment {full_name} ({deployment_id}) on work pool {pool}: {ws.root}, {when}")
+        click.echo(f"run it with a worker: prefect worker start --pool {pool}")
+        return
+    click.echo(f"serving deployment {full_name} on {ws.root} ({when}); Ctrl-C stops")
     with contextlib.suppress(KeyboardInterrupt):
-        serve(ws, cfg, cron=cron, interval=interval, on_server=lambda url: click.echo(f"Prefect UI: {url}"))
+        serve(ws, cfg, cron=cron, interval=interval, name=name,
+              on_server=lambda url: click.echo(f"Prefect UI: {url}"))
 
 
 @main.command()
@@ -355,6 +375,140 @@ def score_reward(prompts, responses, workspace, normalize, device) -> None:
     normalized = model.score(list(prompts), list(responses), normalize=True) if normalize else raw
     for r, z in zip(raw, normalized, strict=True):
         click.echo(f"{r:.4f}" + (f"\t{z:.4f}" if normalize else ""))
+
+
+def _registry(workspace: str | None, preset: str, config_files: tuple[str, ...], overrides: tuple[str, ...],
+              name: str | None) -> tuple[Registry, str]:
+    """The model registry the config points at, and the model name (``--name``, else tracking.registered_model)."""
+    from lmpipe.tracking import Registry, resolve_tracking_uri
+
+    cfg = _load(preset, config_files, overrides)
+    name = name or cfg.tracking.registered_model
+    if not name:
+        raise click.UsageError("no registered model named: give --name or set tracking.registered_model")
+    return Registry.connect(resolve_tracking_uri(Workspace.resolve(workspace), cfg.tracking.tracking_uri)), name
+
+
+@main.command()
+@click.argument("version")
+@click.option("--name", help="Registered model (default: tracking.registered_model, the PPO policy).")
+@click.option("--alias", default="production", show_default=True, help="Alias to move to VERSION.")
+@click.option("--workspace", type=click.Path(file_okay=False), help=WORKSPACE_HELP)
+@_config_options
+def promote(version, name, alias, workspace, preset, config_files, overrides) -> None:
+    """Point ALIAS of a registered model at VERSION (`lmpipe models` lists the versions)."""
+    from lmpipe.tracking import UnknownModelVersion
+
+    registry, name = _registry(workspace, preset, config_files, overrides, name)
+    try:
+        info = registry.promote(name, version, alias)
+    except (UnknownModelVersion, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"{name}@{alias} -> version {info.version} (MLflow run {info.run_id})")
+
+
+@main.command()
+@click.option("--name", help="Registered model (default: tracking.registered_model, the PPO policy).")
+@click.option("--workspace", type=click.Path(file_okay=False), help=WORKSPACE_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@_config_options
+def models(name, workspace, as_json, preset, config_files, overrides) -> None:
+    """List the versions of a registered model with their aliases and lineage."""
+    from lmpipe.tracking import UnknownModelVersion
+
+    registry, name = _registry(workspace, preset, config_files, overrides, name)
+    try:
+        versions = registry.versions(name)
+    except UnknownModelVersion as exc:
+        raise click.ClickException(f"{exc}: run the pipeline through the ppo stage first") from exc
+    if as_json:
+        click.echo(json.dumps([v.to_json() for v in versions], indent=2))
+        return
+    click.echo(name)
+    for v in versions:
+        t = v.tags
+        git = t.get("git.commit", "-")[:10] + ("+dirty" if t.get("git.dirty") == "true" else "")
+        click.echo(f"  version {v.version:<4} {','.join(v.aliases) or '-':<20} "
+                   f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(v.created_at))}  run {v.run_id[:12]}  "
+                   f"pipeline {t.get('lmpipe.pipeline_run_id', '-')[:12]}  "
+                   f"data {t.get('lmpipe.data_fingerprint', '-')[:14]}  git {git}")
+
+
+def _workspace_config(ws: Workspace) -> PipelineConfig:
+    """The config of the workspace's last pipeline run; the defaults when it has none."""
+    path = ws.state_dir / "last_config.yaml"
+    try:
+        return load_config(None, [path]) if path.exists() else PipelineConfig()
+    except ConfigError:  # written by another lmpipe version: its tracking and report settings are all we need
+        return PipelineConfig()
+
+
+def _latest_report(ws: Workspace) -> dict:
+    """The report stage's last report.json, else one built from the other stages' recorded metrics."""
+    from lmpipe import pipeline
+    from lmpipe.report import build_report, load_report
+    from lmpipe.state import load_stage_state
+
+    state = load_stage_state(ws, "report")
+    if state is not None and state.result is not None and ws.abs(state.result.outputs.get("json", "-")).exists():
+        return load_report(ws.abs(state.result.outputs["json"]))
+    states = {s.name: load_stage_state(ws, s.name) for s in pipeline.STAGES if s.name != "report"}
+    results = {name: st.result for name, st in states.items() if st is not None and st.result is not None}
+    if not results:
+        raise click.ClickException(f"no stage has run in {ws.root}: run `lmpipe run` first")
+    return build_report(ws, _workspace_config(ws), results, measure=False)
+
+
+def _compare_reports(ws: Workspace, run_ids: tuple[str, str], fmt: str) -> str:
+    """Two pipeline runs' report.json from MLflow, side by side with their differences."""
+    import tempfile
+
+    from lmpipe.report import ReportError, compare, load_report, md_table, text_table
+    from lmpipe.tracking import download_run_file, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(ws, _workspace_config(ws).tracking.tracking_uri)
+    reports = []
+    with tempfile.TemporaryDirectory(prefix="lmpipe-compare-") as tmp:
+        for i, run_id in enumerate(run_ids):
+            try:
+                path = download_run_file(uri, run_id, ("report/report.json", "report.json"), Path(tmp) / str(i))
+                reports.append(load_report(path))
+            except (LookupError, ReportError) as exc:
+                raise click.ClickException(str(exc).strip("'\"")) from exc
+    head, rows = compare(reports[0], reports[1], (run_ids[0][:12], run_ids[1][:12]))
+    commits = [f"{r[:12]}: commit {(d['run'].get('git_commit') or 'unknown')[:12]}"
+               + (" (uncommitted changes)" if d["run"].get("git_dirty") else "")
+               for r, d in zip(run_ids, reports, strict=True)]
+    if fmt == "markdown":
+        return "\n".join(["# Evolution reports compared", "", *(f"- {c}" for c in commits), "", md_table(head, rows)])
+    return "\n".join([*commits, "", text_table(head, rows)])
+
+
+@main.command()
+@click.option("--workspace", type=click.Path(file_okay=False), help=WORKSPACE_HELP)
+@click.option("--format", "fmt", type=click.Choice(["table", "markdown", "html"]), default="table",
+              show_default=True, help="Plain-text table, the whole report as Markdown, or the standalone HTML page.")
+@click.option("--output", type=click.Path(dir_okay=False), help="Write to this file instead of printing.")
+@click.option("--compare", nargs=2, metavar="RUN_A RUN_B",
+              help="Compare the reports of two pipeline runs (their MLflow run ids) instead.")
+def report(workspace, fmt, output, compare) -> None:
+    """Every generation on one test-split yardstick: the latest evolution report, or two runs compared."""
+    ws = Workspace.resolve(workspace)
+    if compare:
+        if fmt == "html":
+            raise click.UsageError("--compare prints a table or Markdown, not HTML")
+        text = _compare_reports(ws, compare, fmt)
+    else:
+        from lmpipe import report as reports
+        from lmpipe.report_html import html
+
+        data = _latest_report(ws)
+        text = {"table": reports.table, "markdown": reports.markdown, "html": html}[fmt](data)
+    if output:
+        Path(output).write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
+        click.echo(f"wrote {output}")
+    else:
+        click.echo(text)
 
 
 @main.command()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping, Sequence
@@ -39,7 +40,24 @@ class TrackingConfig:
     tracking_uri: str | None = knob(
         None, "MLflow tracking URI; None means $MLFLOW_TRACKING_URI, else a SQLite store inside the workspace."
     )
-    log_system_info: bool = knob(True, "Tag runs with git commit, host, CPU/GPU and library versions.")
+    log_system_info: bool = knob(
+        True, "Tag runs with the git commit, the hardware (CPU model and cores, memory, GPUs) and library versions."
+    )
+    registered_model: str = knob(
+        "lmpipe-policy", "Model-registry name of the PPO policy, registered after the ppo stage (empty: none)."
+    )
+    register_reward_model: bool = knob(False, "Also register the reward model (as registered_reward_model).")
+    registered_reward_model: str = knob("lmpipe-reward", "Model-registry name of the reward model.")
+    register_alias: str = knob("candidate", "Alias set to the version each run registers or reuses (empty: none).")
+
+    def __post_init__(self) -> None:
+        for key in ("registered_model", "registered_reward_model"):
+            if any(c in getattr(self, key) for c in "/:'"):
+                raise ConfigError(f"tracking.{key} may not contain '/', ':' or a quote: {getattr(self, key)!r}")
+        alias = self.register_alias
+        if not re.fullmatch(r"[\w-]*", alias) or alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
+            raise ConfigError(f"tracking.register_alias must be letters, digits, '_' or '-', and not 'latest' "
+                              f"or v<number>: {alias!r}")
 
 
 @dataclass(frozen=True)
@@ -62,8 +80,14 @@ class IngestConfig:
     minhash_shingle: int = knob(5, "Character n-gram size of the MinHash shingles.")
     val_fraction: float = knob(0.05, "Share of documents assigned to the val split (by content hash).")
     test_fraction: float = knob(0.05, "Share of documents assigned to the test split (by content hash).")
+    fsspec_schemes: tuple[str, ...] = knob(
+        (), "URI schemes (s3, gs, ...) read through fsspec (s3fs, gcsfs) instead of DuckDB's httpfs extension."
+    )
 
     def __post_init__(self) -> None:
+        if any(not s.isidentifier() for s in self.fsspec_schemes):
+            raise ConfigError(f"ingest.fsspec_schemes are scheme names such as s3 or gs (no '://'): "
+                              f"{list(self.fsspec_schemes)}")
         if not 0 <= self.val_fraction < 1 or not 0 <= self.test_fraction < 1:
             raise ConfigError("ingest.val_fraction and ingest.test_fraction must be in [0, 1)")
         if self.val_fraction + self.test_fraction >= 1:
@@ -387,8 +411,8 @@ class PpoConfig:
     """RLHF with PPO: policy from SFT, frozen reference and reward model, KL-penalised rewards, GAE, clipped updates."""
 
     iterations: int = knob(200, "PPO iterations: each samples one rollout batch, then updates on it.")
-    batch_size: int = knob(64, "Train prompts answered per rollout batch.")
-    mini_batch_size: int = knob(16, "Rollouts per optimizer step (minibatch) within an update epoch.")
+    batch_size: int = knob(64, "Train prompts answered per rollout batch per process.")
+    mini_batch_size: int = knob(16, "Rollouts per optimizer step (minibatch) within an update epoch, per process.")
     micro_batch_size: int = knob(16, "Rollouts per forward/backward pass (gradients accumulate over a minibatch).")
     ppo_epochs: int = knob(4, "Passes over each rollout batch.")
     max_new_tokens: int = knob(64, "Longest sampled response in tokens (a row stops at its end token).")
@@ -457,6 +481,34 @@ class PpoConfig:
 
 
 @dataclass(frozen=True)
+class ReportConfig:
+    """The evolution report: every generation on one held-out yardstick, side by side."""
+
+    prompts: tuple[str, ...] = knob(
+        ("The", "Return the", "If the"), "Prompts that every generation continues, shown side by side."
+    )
+    continuation_tokens: int = knob(30, "Tokens per continuation (words for word models, BPE tokens for the GPTs).")
+    temperature: float = knob(0.8, "Sampling temperature of the continuations (0: greedy).")
+    top_k: int = knob(50, "Sample continuations among the k likeliest tokens (0: no limit).")
+    seed: int = knob(0, "Seed of the continuations.")
+    max_test_tokens: int = knob(
+        0, "Score at most the first test documents within this many BPE tokens (0: the whole test split)."
+    )
+    batch_size: int = knob(8, "Windows per forward pass when scoring the GPT models on the test split.")
+    contamination_n: int = knob(13, "Word n-gram size of the test-set contamination check.")
+    examples_per_stage: int = knob(3, "Contaminated test passages shown per stage.")
+    device: Literal["auto", "cpu", "cuda"] = knob(
+        "auto", "Device for scoring and sampling; auto picks CUDA when available."
+    )
+
+    def __post_init__(self) -> None:
+        if self.continuation_tokens < 1 or self.batch_size < 1 or self.contamination_n < 1:
+            raise ConfigError("report.continuation_tokens, batch_size and contamination_n must be >= 1")
+        if self.temperature < 0 or min(self.top_k, self.max_test_tokens, self.examples_per_stage) < 0:
+            raise ConfigError("report.temperature, top_k, max_test_tokens and examples_per_stage must be >= 0")
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     """The whole pipeline: one section per stage plus tracking."""
 
@@ -469,6 +521,7 @@ class PipelineConfig:
     sft: SftConfig = knob(SftConfig(), "Instruction tuning (SFT) of the pretrained GPT.")
     reward: RewardConfig = knob(RewardConfig(), "Reward modelling on preference pairs.")
     ppo: PpoConfig = knob(PpoConfig(), "RLHF of the SFT model against the reward model with PPO.")
+    report: ReportConfig = knob(ReportConfig(), "The evolution report: every generation on one yardstick.")
 
 
 # ----------------------------------------------------------------------------------------------

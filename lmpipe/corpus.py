@@ -517,7 +517,7 @@ def _already_ingested(con: duckdb.DuckDBPyConnection, sha256: str | None = None,
 
 def plan_sources(cfg: IngestConfig) -> list[Source] | None:
     """The configured sources resolved to files (None means the built-in corpus); raises IngestError."""
-    return resolve_sources(cfg.sources) if cfg.sources else None
+    return resolve_sources(cfg.sources, cfg.fsspec_schemes) if cfg.sources else None
 
 
 def ingest(
@@ -572,9 +572,22 @@ def document_lengths(ws: Workspace) -> dict[str, list[int]]:
     return {split: lengths for split, lengths in rows}
 
 
+def _last_doc_id(ws: Workspace) -> int:
+    with warehouse.connect(ws) as con:
+        return int(con.sql("SELECT coalesce(max(doc_id), 0) FROM documents").fetchall()[0][0])
+
+
+def _words_after(ws: Workspace, doc_id: int) -> int:
+    """Whitespace-separated words of the documents numbered above ``doc_id`` (the ones an ingestion added)."""
+    with warehouse.connect(ws, read_only=True) as con:
+        return int(con.execute(r"SELECT coalesce(sum(len(regexp_extract_all(text, '\S+'))), 0) FROM documents "
+                               "WHERE doc_id > ?", [doc_id]).fetchall()[0][0])
+
+
 def run_stage(ctx: StageContext) -> StageOutput:
     """The ``ingest`` stage: ingest, then write the per-source report and the length histogram."""
     cfg: IngestConfig = ctx.section("ingest")
+    last_id = _last_doc_id(ctx.workspace)
     report = ingest(ctx.workspace, cfg, log=ctx.log, progress=ctx.progress)
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     report_json = ctx.out_dir / "ingest_report.json"
@@ -583,7 +596,7 @@ def run_stage(ctx: StageContext) -> StageOutput:
     report_md.write_text(report.to_markdown(), encoding="utf-8")
     hist = plots.histogram(document_lengths(ctx.workspace), ctx.out_dir / "document_lengths.png",
                            "Document length by split", "characters")
-    totals = report.totals()
+    totals = report.totals() | {"tokens_processed": float(_words_after(ctx.workspace, last_id))}
     ctx.log.metrics(totals)
     for path in (report_json, report_md, hist):
         ctx.log.artifact(path)

@@ -119,6 +119,7 @@ def _train_lms(cfg: EmbeddingsConfig, texts: dict[str, list[str]], lm_dir: Path,
         metrics |= {f"{kind}_{sp}_{k}": float(getattr(scores[sp], k)) for sp in ("val", "test")
                     for k in ("perplexity", "perplexity_unk", "bits_per_byte")}
         metrics |= {f"{kind}_epochs": float(len(history)), f"{kind}_fit_seconds": fit_s,
+                    f"{kind}_tokens_trained": float(sum(len(d) for d in train_docs) * len(history)),
                     f"{kind}_params": float(sum(p.numel() for p in model.parameters()))}
         if kind == "nnlm":  # C is word vectors too
             c = WordVectors(vocab.words, model.C.weight.detach().cpu().numpy())
@@ -194,6 +195,7 @@ def _train_word2vec(cfg: EmbeddingsConfig, sentences: list[list[str]], out: Path
         ev = evaluate(wv, cfg)
         metrics |= {f"w2v_{variant}_{k}": v for k, v in ev.items()}
         metrics |= {f"w2v_{variant}_words_per_s": corpus[1][-1] * s.epochs / wall, f"w2v_{variant}_seconds": wall,
+                    f"w2v_{variant}_tokens_trained": float(corpus[1][-1] * s.epochs),
                     f"w2v_{variant}_final_loss": model.history[-1]["loss"], f"w2v_{variant}_vocab": float(len(wv))}
         files += _export(wv, folder, cfg, variant)
     return metrics, files
@@ -262,6 +264,7 @@ def _run(ctx: StageContext, cfg: EmbeddingsConfig) -> StageOutput:
         w2v_metrics, w2v_files = _train_word2vec(cfg, sentences, out, ctx)
         metrics |= w2v_metrics
         files += w2v_files
+    metrics["tokens_processed"] = sum(v for k, v in metrics.items() if k.endswith("_tokens_trained"))
     outputs = {"lm": ws.rel(lm_dir)}
     if rows:
         table = out / "comparison.md"

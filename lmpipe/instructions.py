@@ -249,7 +249,7 @@ def _ingest_file(con: duckdb.DuckDBPyConnection, source: Source, cfg: IngestConf
 
 def ingest_files(ws: Workspace, specs: Sequence[str], cfg: IngestConfig) -> list[InstructionReport]:
     """Ingest instruction files (paths, directories or globs), one transaction each; raises IngestError."""
-    planned = resolve_sources(specs)  # every path is checked before anything is read
+    planned = resolve_sources(specs, cfg.fsspec_schemes)  # every path is checked before anything is read
     with connect(ws) as con:
         return [_ingest_file(con, src, cfg) for src in planned]
 

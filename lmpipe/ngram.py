@@ -923,7 +923,8 @@ def run_stage(ctx: StageContext) -> StageOutput:
              "models": rows, "notes": notes}
     (models_dir / "index.json").write_text(json.dumps(index, indent=2, default=str), encoding="utf-8")
     reports = _write_reports(out, rows, samples, ctx)
-    metrics = {"train_tokens": float(train_tokens), "vocab_size": float(len(vocab)), "count_seconds": count_s,
+    metrics = {"train_tokens": float(train_tokens), "tokens_processed": float(train_tokens),
+               "vocab_size": float(len(vocab)), "count_seconds": count_s,
                "count_tokens_per_s": train_tokens / count_s if count_s else 0.0,
                **{f"ngrams_order{k}": float(n) for k, n in counts.ngrams.items()}}
     for split in ("val", "test"):

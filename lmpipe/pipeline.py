@@ -6,7 +6,7 @@ whose source code is part of its cache key. ``flows/pipeline.py`` runs them in t
 
 from __future__ import annotations
 
-from lmpipe import corpus, embeddings, ngram, ppo, pretrain, reward, sft, shards
+from lmpipe import corpus, embeddings, ngram, ppo, pretrain, report, reward, sft, shards
 from lmpipe.stage import Stage
 
 INGEST = Stage(
@@ -94,7 +94,17 @@ PPO = Stage(
     external=ppo.external_inputs,
 )
 
-STAGES: tuple[Stage, ...] = (INGEST, NGRAM, EMBEDDINGS, TOKENIZER, PRETRAIN, SFT, REWARD, PPO)
+REPORT = Stage(
+    name="report",
+    section="report",
+    deps=("ingest", "ngram", "embeddings", "tokenizer", "pretrain", "sft", "reward", "ppo"),
+    run=report.run_stage,
+    code=("lmpipe.report", "lmpipe.report_html", "lmpipe.scoring", "lmpipe.pretrain", "lmpipe.ngram", "lmpipe.nnlm",
+          "lmpipe.rnnlm", "lmpipe.sft", "lmpipe.chat", "lmpipe.gpt", "lmpipe.contamination"),
+    headline=report.HEADLINE,
+)
+
+STAGES: tuple[Stage, ...] = (INGEST, NGRAM, EMBEDDINGS, TOKENIZER, PRETRAIN, SFT, REWARD, PPO, REPORT)
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
 
 

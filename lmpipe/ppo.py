@@ -58,7 +58,7 @@ from lmpipe.gpt import GPT
 from lmpipe.pretrain import TOKENIZER_FILE, file_sha256, step_seed
 from lmpipe.sft import answer, heldout
 from lmpipe.stage import Logger, NullLogger, StageContext, StageOutput
-from lmpipe.trainer import Trainer, TrainSettings, autocast, format_duration, resolve_device
+from lmpipe.trainer import Dist, Trainer, TrainSettings, autocast, distributed, format_duration, resolve_device
 from lmpipe.workspace import Workspace, atomic_write_text
 
 MODEL_DIR = "model"
@@ -258,8 +258,13 @@ class UpdateStats:
         for k, v in kv.items():
             self.values.setdefault(k, []).append(float(v))
 
-    def means(self) -> dict[str, float]:
-        return {k: float(np.mean(v)) for k, v in self.values.items()}
+    def means(self, dist: Dist | None = None) -> dict[str, float]:
+        """The mean of each diagnostic; under torchrun (``dist``) averaged over the ranks too."""
+        means = {k: float(np.mean(v)) for k, v in self.values.items()}
+        if dist is None or dist.world_size == 1 or not means:
+            return means
+        total = dist.all_sum(torch.tensor(list(means.values()), dtype=torch.float64, device=dist.device))
+        return dict(zip(means, (total / dist.world_size).tolist(), strict=True))
 
 
 def ppo_loss(cfg: PpoConfig, stats: UpdateStats) -> Callable[[nn.Module, Batch], tuple[torch.Tensor, int]]:
@@ -331,13 +336,24 @@ def prompt_indices(n: int, batch: int, iteration: int, seed: int) -> list[int]:
     return out
 
 
+def rollout_seed(seed: int, iteration: int, rank: int) -> int:
+    """Seed of the rollout generator of ``iteration`` on data-parallel ``rank`` (each rank samples its own)."""
+    base = step_seed(seed, iteration)
+    return base if rank == 0 else step_seed(base, rank)
+
+
 def iteration(models: PpoModels, trainer: Trainer, ctl: rl.FixedKLController | rl.AdaptiveKLController,
               prompts: Sequence[Sequence[Message]], prompt_ids: Sequence[Sequence[int]], cfg: PpoConfig, it: int
               ) -> dict[str, float]:
-    """One PPO iteration on ``prompts``: rollout, score, rewards, advantages, updates. Returns its metrics."""
-    ac, device = models.actor_critic, trainer.device
+    """One PPO iteration on ``prompts``: rollout, score, rewards, advantages, updates. Returns its metrics.
+
+    Under torchrun each rank brings its own prompts; the statistics every rank must agree on (the KL the
+    controller sees, the advantage whitening) and the reported metrics are reduced over all of them, and the
+    updates are all-reduced by DDP, so every rank takes the same steps.
+    """
+    ac, device, reduce = models.actor_critic, trainer.device, trainer.dist.all_sum
     # private generators seeded by the iteration: a resumed run samples and shuffles exactly as an unbroken one
-    generator = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, it))
+    generator = torch.Generator(device=device).manual_seed(rollout_seed(cfg.seed, it, trainer.dist.rank))
     shuffle = torch.Generator().manual_seed(step_seed(cfg.seed + 1, it))
     ac.eval()
     # 1. rollout
@@ -356,14 +372,18 @@ def iteration(models: PpoModels, trainer: Trainer, ctl: rl.FixedKLController | r
     beta = ctl.value
     rewards, applied = rl.token_rewards(scores, kl, mask, beta, batch.finished, cfg.missing_eot_penalty,
                                         cfg.score_clip or None)
-    # KL per response by both estimators, for the metrics; the controller sees the configured one
-    kl_k1 = (rl.kl_k1(d["logp"], d["ref_logp"]) * mask).sum(1).mean()
-    kl_k3 = (rl.kl_k3(d["logp"], d["ref_logp"]) * mask).sum(1).mean()
-    ctl.update(float(kl.sum(1).mean()), len(prompts))
-    # 4. advantages
+    # sums over this rank's responses, then over every rank: the controller and the metrics see the global batch
+    sums = reduce(torch.stack([
+        torch.tensor(float(len(prompts)), device=device), kl.sum(), raw.sum(), scores.sum(), applied.sum(),
+        (rl.kl_k1(d["logp"], d["ref_logp"]) * mask).sum(), (rl.kl_k3(d["logp"], d["ref_logp"]) * mask).sum(),
+        mask.sum().float(), batch.finished.float().sum(), torch.tensor(float(batch.idx.numel()), device=device)
+    ]).float())
+    n, kl_sum, raw_sum, score_sum, applied_sum, k1_sum, k3_sum, tokens, finished, sequence_tokens = sums.tolist()
+    ctl.update(kl_sum / n, int(n))  # KL per response by the configured estimator; the other two for the metrics
+    # 4. advantages, whitened with the mean and variance of every rank's tokens
     advantages, returns = rl.gae(rewards, d["values"], mask, cfg.gamma, cfg.lam)
-    d["advantages"], d["returns"] = rl.masked_whiten(advantages, mask), returns
-    # 5. updates
+    d["advantages"], d["returns"] = rl.masked_whiten(advantages, mask, reduce=reduce), returns
+    # 5. updates (DDP all-reduces every step's gradients)
     stats, grad_norms = UpdateStats(), []
     t1 = time.perf_counter()
     loss_fn = ppo_loss(cfg, stats)
@@ -373,15 +393,16 @@ def iteration(models: PpoModels, trainer: Trainer, ctl: rl.FixedKLController | r
             trainer.step += 1
             grad_norms.append(step.grad_norm)
     t_upd = time.perf_counter() - t1
-    update_tokens = cfg.ppo_epochs * batch.idx.numel()
-    return {"reward_raw": float(raw.mean()), "reward": float(scores.mean()), "score_applied": float(applied.mean()),
-            "kl_k1": float(kl_k1), "kl_k3": float(kl_k3), "beta": beta, "beta_next": ctl.value,
-            "response_length": float(mask.sum(1).float().mean()), "finished": float(batch.finished.float().mean()),
-            "explained_variance": float(rl.explained_variance(d["values"], returns, mask)),
-            "return_mean": float(rl.masked_mean(returns, mask)), "grad_norm": float(np.mean(grad_norms)),
-            "lr": step.lr, "rollout_tokens_per_s": float(mask.sum()) / max(t_gen, 1e-9),
+    update_tokens = cfg.ppo_epochs * sequence_tokens  # prompt and response tokens of every rank, per epoch
+    return {"reward_raw": raw_sum / n, "reward": score_sum / n, "score_applied": applied_sum / n,
+            "kl_k1": k1_sum / n, "kl_k3": k3_sum / n, "beta": beta, "beta_next": ctl.value,
+            "response_length": tokens / n, "finished": finished / n,
+            "explained_variance": float(rl.explained_variance(d["values"], returns, mask, reduce)),
+            "return_mean": float(rl.masked_mean(returns, mask, reduce=reduce)), "grad_norm": float(np.mean(grad_norms)),
+            "lr": step.lr, "rollout_tokens_per_s": tokens / max(t_gen, 1e-9),
             "update_tokens_per_s": update_tokens / max(t_upd, 1e-9), "rollout_s": t_gen, "update_s": t_upd,
-            **stats.means()}
+            "rollout_tokens": tokens, "update_tokens": float(update_tokens),
+            **stats.means(trainer.dist)}
 
 
 def progress_line(it: int, total: int, m: dict[str, float], eta_s: float) -> str:
@@ -394,9 +415,14 @@ def progress_line(it: int, total: int, m: dict[str, float], eta_s: float) -> str
 
 
 def train(models: PpoModels, prompts: Sequence[instructions.Instruction], cfg: PpoConfig, out_dir: Path,
-          log: Logger, progress: bool = True) -> tuple[Trainer, list[dict[str, float]]]:
-    """Run PPO iterations up to ``cfg.iterations``, resuming from ``out_dir``'s latest checkpoint."""
-    trainer = Trainer(models.actor_critic, settings_for(cfg, cfg.batch_size), out_dir, log, progress=progress)
+          log: Logger, progress: bool = True, dist: Dist | None = None) -> tuple[Trainer, list[dict[str, float]]]:
+    """Run PPO iterations up to ``cfg.iterations``, resuming from ``out_dir``'s latest checkpoint.
+
+    Under torchrun (``dist``) an iteration's prompts are ``batch_size`` per rank: consecutive slices of the
+    global batch of ``batch_size × processes`` prompts, one slice per rank.
+    """
+    trainer = Trainer(models.actor_critic, settings_for(cfg, cfg.batch_size), out_dir, log, dist, progress)
+    rank, world = trainer.dist.rank, trainer.dist.world_size
     ctl = rl.kl_controller(cfg.init_kl_coef, cfg.target_kl or None, cfg.kl_horizon, cfg.kl_k_beta)
     state = trainer.resume()
     start = int(state["iteration"]) if state else 0
@@ -408,10 +434,11 @@ def train(models: PpoModels, prompts: Sequence[instructions.Instruction], cfg: P
     prompt_ids = [ids[-keep:] for ids in models.template.render_prompts(messages)]
     t_start = time.perf_counter()
     for it in range(start, cfg.iterations):
-        idx = prompt_indices(len(prompts), cfg.batch_size, it, cfg.seed)
+        idx = prompt_indices(len(prompts), cfg.batch_size * world, it, cfg.seed)
+        idx = idx[rank * cfg.batch_size : (rank + 1) * cfg.batch_size]
         metrics = iteration(models, trainer, ctl, [messages[i] for i in idx], [prompt_ids[i] for i in idx], cfg, it)
         history.append({"iteration": float(it), **metrics})
-        log.metrics(metrics, step=it)
+        trainer.log.metrics(metrics, step=it)  # rank 0's logger; the metrics are the same on every rank
         if it % cfg.log_every == 0 or it == cfg.iterations - 1:
             eta = (time.perf_counter() - t_start) / (it - start + 1) * (cfg.iterations - it - 1)
             trainer.print(progress_line(it, cfg.iterations, metrics, eta))
@@ -531,21 +558,30 @@ def train_prompts(ws: Workspace, builtin: bool = True) -> list[instructions.Inst
 
 
 def ppo(ws: Workspace, cfg: PpoConfig, sft_dir: Path, reward_model: RewardScorer, out_dir: Path,
-        log: Logger | None = None, progress: bool = True, builtin: bool = True) -> PpoResult:
+        log: Logger | None = None, progress: bool = True, builtin: bool = True, dist: Dist | None = None) -> PpoResult:
     """Align the SFT model in ``sft_dir`` to ``reward_model`` with PPO (resuming if ``out_dir`` has checkpoints),
-    write the policy to ``out_dir/model``, and evaluate it beside the SFT model on held-out prompts."""
+    write the policy to ``out_dir/model``, and evaluate it beside the SFT model on held-out prompts.
+
+    Under torchrun (``dist``) every rank trains; rank 0 alone writes the model and evaluates, and the other
+    ranks return a result with the training history and no evaluation.
+    """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     log = log or NullLogger()
-    device, out_dir = resolve_device(cfg.device), Path(out_dir)
+    dist = dist or Dist(device=resolve_device(cfg.device))
+    device, out_dir = dist.device, Path(out_dir)
     prompts = train_prompts(ws, builtin)
-    if len(prompts) < cfg.batch_size:
-        raise ValueError(f"{len(prompts)} distinct train prompts, fewer than ppo.batch_size={cfg.batch_size}")
+    if len(prompts) < cfg.batch_size * dist.world_size:
+        raise ValueError(f"{len(prompts)} distinct train prompts, fewer than ppo.batch_size={cfg.batch_size} "
+                         f"× {dist.world_size} processes")
     models = build_models(sft_dir, reward_model, cfg, device)
-    trainer, history = train(models, prompts, cfg, out_dir, log, progress)
+    trainer, history = train(models, prompts, cfg, out_dir, log, progress, dist)
+    model_dir = out_dir / MODEL_DIR
+    if not dist.is_main:
+        return PpoResult(model_dir, {}, history, [])
     policy = models.actor_critic.policy.eval()
     _, extra = read_model_config(sft_dir)
-    model_dir = export_policy(policy, sft_dir, out_dir / MODEL_DIR, {**extra, "ppo_iterations": cfg.iterations})
+    export_policy(policy, sft_dir, model_dir, {**extra, "ppo_iterations": cfg.iterations})
     with torch.no_grad(), autocast(device, trainer.dtype):
         evals, rows = compare(models, heldout(instructions.load_instructions(ws, "test", builtin),
                                               cfg.heldout_prompts), cfg)
@@ -574,7 +610,10 @@ def summary_metrics(evals: dict[str, dict[str, float]], history: Sequence[dict[s
                 "final_beta": history[-1]["beta_next"], "target_kl": cfg.target_kl, "iterations": float(len(history)),
                 "optimizer_steps": float(steps),
                 "rollout_tokens_per_s": float(np.mean([h["rollout_tokens_per_s"] for h in history])),
-                "update_tokens_per_s": float(np.mean([h["update_tokens_per_s"] for h in history]))})
+                "update_tokens_per_s": float(np.mean([h["update_tokens_per_s"] for h in history])),
+                # tokens generated in rollouts plus tokens run through the updates (each PPO epoch counts)
+                "tokens_processed": float(sum(h.get("rollout_tokens", 0.0) + h.get("update_tokens", 0.0)
+                                              for h in history))})
     return out
 
 
@@ -615,6 +654,7 @@ def run_stage(ctx: StageContext) -> StageOutput:
     files = write_reports(result, cfg.sample_rows, ctx.out_dir)
     for path in files.values():
         ctx.log.artifact(path)
+    ctx.log.artifact(result.model_dir, "model")  # once, at the end: the policy the model registry points at
     m = result.metrics
     ctx.log.metrics(m)
     summary = (f"{int(m['iterations'])} iterations; held-out reward {m['sft_heldout_reward']:+.3f} -> "
@@ -628,3 +668,27 @@ def run_stage(ctx: StageContext) -> StageOutput:
 def external_inputs(ws: Workspace, cfg: PipelineConfig) -> dict[str, Any]:
     """The instruction rows the prompts come from (the sft stage writes them; its result fingerprints weights)."""
     return {"instructions": instructions.fingerprint(ws, cfg.sft.builtin)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run PPO outside the pipeline, e.g. under torchrun on several GPUs (see lmpipe.launch)."""
+    from lmpipe import launch
+
+    p = launch.parser("python -m lmpipe.ppo", main.__doc__)
+    p.add_argument("--sft", help="SFT model folder (default: the workspace's last sft result).")
+    p.add_argument("--reward", help="Reward model folder (default: the workspace's last reward result).")
+    args = p.parse_args(argv)
+    cfg = launch.config(args)
+    ws = Workspace.resolve(args.workspace)
+    sft_dir = launch.stage_output(ws, args.sft, "sft", "model", "--sft")
+    reward_dir = launch.stage_output(ws, args.reward, "reward", "model", "--reward")
+    with distributed(cfg.ppo.device) as dist:
+        reward_model = load_reward_model(reward_dir, dist.device, cfg.reward.min_accuracy)
+        result = ppo(ws, cfg.ppo, sft_dir, reward_model, Path(args.out), dist=dist, builtin=cfg.sft.builtin)
+        if dist.is_main:
+            write_reports(result, cfg.ppo.sample_rows, Path(args.out))
+        launch.report(dist, result.metrics)
+
+
+if __name__ == "__main__":
+    main()

@@ -8,12 +8,12 @@ end bits per byte on val and test (the total nats of predicting every token of t
 document's end-of-text included, over ln 2 and the split's UTF-8 bytes: comparable across tokenizers
 and with the n-gram and NNLM stages).
 
-Several processes: ``torchrun --nproc_per_node N -m lmpipe.pretrain --shards DIR --tokenizer FILE --out DIR``.
+Several processes: ``torchrun --nproc_per_node N -m lmpipe.pretrain --workspace W --out DIR`` (the shards and
+tokenizer of the workspace's last tokenizer result, or ``--shards DIR --tokenizer FILE``).
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -181,8 +181,8 @@ def pretrain(cfg: PretrainConfig, shard_dir: Path, tokenizer_path: Path, out_dir
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
     objective = NextTokenObjective(cfg, Path(shard_dir), tokenizer, trainer.dist, trainer.log)
     metrics = trainer.fit(objective)
-    metrics = {**metrics, "params": float(model.num_params()), "tokens_trained": float(
-        settings.max_steps * cfg.batch_size * cfg.grad_accum * trainer.dist.world_size * cfg.block_size)}
+    tokens = float(settings.max_steps * cfg.batch_size * cfg.grad_accum * trainer.dist.world_size * cfg.block_size)
+    metrics = {**metrics, "params": float(model.num_params()), "tokens_trained": tokens, "tokens_processed": tokens}
     model_dir = Path(out_dir) / MODEL_DIR
     samples = "\n".join(samples_markdown(s, t) for s, t in objective.samples)
     if trainer.dist.is_main:
@@ -255,21 +255,27 @@ def run_stage(ctx: StageContext) -> StageOutput:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Pretrain outside the pipeline, e.g. under torchrun on several GPUs."""
-    from lmpipe.config import load_config
+    """Pretrain outside the pipeline, e.g. under torchrun on several GPUs (see lmpipe.launch)."""
+    from lmpipe import launch
 
-    p = argparse.ArgumentParser(prog="python -m lmpipe.pretrain", description=main.__doc__)
-    p.add_argument("--shards", required=True, help="Shard folder (train.bin, val.bin, test.bin, meta.json).")
-    p.add_argument("--tokenizer", required=True, help="tokenizer.json of the shards.")
-    p.add_argument("--out", required=True, help="Output folder (checkpoints, model); resumed if it has checkpoints.")
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="pretrain.KEY=VALUE")
+    p = launch.parser("python -m lmpipe.pretrain", main.__doc__)
+    p.add_argument("--shards", help="Shard folder (train.bin, val.bin, test.bin, meta.json); default: the "
+                                    "workspace's last tokenizer result.")
+    p.add_argument("--tokenizer", help="tokenizer.json of the shards (default: the workspace's, as --shards).")
     args = p.parse_args(argv)
-    cfg = load_config(args.preset, overrides=args.overrides).pretrain
+    cfg = launch.config(args).pretrain
+    ws = Workspace.resolve(args.workspace) if not (args.shards and args.tokenizer) else None
+    shard_dir = Path(args.shards) if args.shards else launch.stage_output(ws, None, "tokenizer", "shards", "--shards")
+    tokenizer = Path(args.tokenizer) if args.tokenizer else launch.stage_output(ws, None, "tokenizer", "tokenizer",
+                                                                                "--tokenizer")
     with distributed(cfg.device) as dist:
-        result = pretrain(cfg, Path(args.shards), Path(args.tokenizer), Path(args.out), dist=dist)
-    if dist.is_main:
-        print(json.dumps(result.metrics, indent=2))
+        result = pretrain(cfg, shard_dir, tokenizer, Path(args.out), dist=dist)
+        if dist.is_main:
+            metrics = {"metrics": result.metrics, "losses": result.losses}
+            atomic_write_text(Path(args.out) / "metrics.json", json.dumps(metrics, indent=2))
+            if result.samples:
+                atomic_write_text(Path(args.out) / "samples.md", result.samples)
+        launch.report(dist, result.metrics)
 
 
 if __name__ == "__main__":

@@ -567,19 +567,26 @@ def evaluate(net: RewardNet, template: ChatTemplate, data: dict[str, list[Pair]]
 
 
 def train_reward(ws: Workspace, cfg: RewardConfig, sft_dir: Path, out_dir: Path, log: Logger | None = None,
-                 progress: bool = True) -> RewardResult:
+                 progress: bool = True, dist: Dist | None = None) -> RewardResult | None:
     """Train the reward model from the SFT model in ``sft_dir`` on the workspace's preference pairs (resuming
-    if ``out_dir`` has checkpoints), record the train reward statistics, evaluate, write ``out_dir/model``."""
+    if ``out_dir`` has checkpoints), record the train reward statistics, evaluate, write ``out_dir/model``.
+
+    Under torchrun (``dist``) each rank trains on its own prompt groups of every step and DDP averages the
+    gradients; rank 0 alone evaluates and writes, and the other ranks return None.
+    """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device, out_dir = resolve_device(cfg.device), Path(out_dir)
+    dist = dist or Dist(device=resolve_device(cfg.device))
+    device, out_dir = dist.device, Path(out_dir)
     sft_model, tokenizer, extra = load_lm(sft_dir, device)
     template, block = ChatTemplate(tokenizer), sft_model.config.block_size
     data = {s: preferences.load_pairs(ws, s, cfg.builtin) for s in preferences.SPLITS}
     groups = {s: build_groups(template, data[s], block) for s in ("train", "val")}
     net = from_sft(sft_model, cfg.seed)
-    trainer = Trainer(net, TrainSettings.from_section(cfg), out_dir, log or NullLogger(), progress=progress)
+    trainer = Trainer(net, TrainSettings.from_section(cfg), out_dir, log or NullLogger(), dist, progress)
     trainer.fit(PreferenceObjective(cfg, groups["train"], groups["val"], trainer.dist))
+    if not dist.is_main:
+        return None
     net = trainer.raw_model.eval()
     mean, std = reward_stats(net, groups["train"], cfg.norm_responses, cfg.seed)
     table, calib, scored = evaluate(net, template, data, cfg)
@@ -598,6 +605,7 @@ def summary_metrics(table: dict[str, dict[str, float]], sizes: dict[str, int], m
                     trainer: Trainer) -> dict[str, float]:
     """Flat metrics: ``heldout_accuracy``, ``heldout_accuracy_<slice>`` and the baselines' ``<name>_accuracy...``."""
     out = {"reward_mean": mean, "reward_std": std, "steps": float(trainer.step),
+           "tokens_trained": float(trainer.tokens), "tokens_processed": float(trainer.tokens),
            **{f"pairs_used_{s}": float(n) for s, n in sizes.items()}, **trainer.eval_metrics}
     for name, row in table.items():
         suffix = "" if name == "all" else f"_{name}"
@@ -664,3 +672,27 @@ def external_inputs(ws: Workspace, cfg: PipelineConfig) -> dict[str, Any]:
     files = preferences.file_stats(cfg.reward.sources)
     others = preferences.fingerprint(ws, builtin=False, exclude=[f[0] for f in files])
     return {"files": files, "other_rows": others}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Train the reward model outside the pipeline, e.g. under torchrun on several GPUs (see lmpipe.launch)."""
+    from lmpipe import launch
+    from lmpipe.trainer import distributed
+
+    p = launch.parser("python -m lmpipe.reward", main.__doc__)
+    p.add_argument("--sft", help="SFT model folder (default: the workspace's last sft result).")
+    args = p.parse_args(argv)
+    cfg = launch.config(args)
+    ws = Workspace.resolve(args.workspace)
+    sft_dir = launch.stage_output(ws, args.sft, "sft", "model", "--sft")
+    with distributed(cfg.reward.device) as dist:
+        launch.prepare(ws, dist, "reward data", lambda: prepare_data(ws, cfg.reward, cfg.ingest, sft_dir, dist.device))
+        result = train_reward(ws, cfg.reward, sft_dir, Path(args.out), dist=dist)
+        if result is not None:
+            write_reports(result, Path(args.out), cfg.reward.min_accuracy)
+            launch.report(dist, result.metrics)
+            check_floor(result.metrics.get("heldout_accuracy", math.nan), cfg.reward.min_accuracy)
+
+
+if __name__ == "__main__":
+    main()

@@ -11,6 +11,7 @@ KL estimators (Schulman 2020, "Approximating KL Divergence", http://joschu.net/b
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -23,33 +24,52 @@ KLEstimator = Literal["k1", "k3"]
 # ----------------------------------------------------------------------------------------------
 # masked statistics
 
+# Sums a tensor of partial sums over every data-parallel process (Dist.all_sum); None in one process. Masked
+# statistics reduce (sum, count) pairs with it, so every process gets the statistic of the global batch.
+Reduce = Callable[[torch.Tensor], torch.Tensor] | None
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Mean of ``x`` over the entries where ``mask`` is 1 (over ``dim``, or over everything)."""
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None, reduce: Reduce = None) -> torch.Tensor:
+    """Mean of ``x`` over the entries where ``mask`` is 1 (over ``dim``, or over everything).
+
+    With ``reduce`` (only for the mean over everything) the sum and the count are first summed over the
+    processes: the mean of the masked entries of every process's ``x``.
+    """
     mask = mask.to(x.dtype)
-    if dim is None:
-        return (x * mask).sum() / mask.sum().clamp(min=1)
-    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+    if dim is not None:
+        return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+    total, count = _reduced(torch.stack([(x * mask).sum(), mask.sum()]), reduce)
+    return total / count.clamp(min=1)
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
-    """Variance of the masked entries of ``x``; ``unbiased`` applies Bessel's correction n / (n - 1)."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True, reduce: Reduce = None) -> torch.Tensor:
+    """Variance of the masked entries of ``x``; ``unbiased`` applies Bessel's correction n / (n - 1).
+
+    Two passes (the mean, then the mean squared deviation from it), each reduced over the processes by
+    ``reduce`` when given: more accurate than one pass over sums of squares, for one more reduction.
+    """
+    mean = masked_mean(x, mask, reduce=reduce)
+    m = mask.to(x.dtype)
+    total, n = _reduced(torch.stack([((x - mean) ** 2 * m).sum(), m.sum()]), reduce)
+    var = total / n.clamp(min=1)
     if unbiased:
-        n = mask.sum()
         var = var * n / (n - 1).clamp(min=1)
     return var
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  reduce: Reduce = None) -> torch.Tensor:
     """``x`` scaled to unit variance over its masked entries (and centred unless ``shift_mean`` is False);
-    padding entries are set to 0."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    padding entries are set to 0. With ``reduce``, mean and variance are those of every process's entries."""
+    mean, var = masked_mean(x, mask, reduce=reduce), masked_var(x, mask, reduce=reduce)
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean
     return whitened * mask.to(x.dtype)
+
+
+def _reduced(sums: torch.Tensor, reduce: Reduce) -> torch.Tensor:
+    return sums if reduce is None else reduce(sums)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,10 +190,11 @@ def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: 
     return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
 
 
-def explained_variance(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def explained_variance(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, reduce: Reduce = None
+                       ) -> torch.Tensor:
     """1 - Var[target - predicted] / Var[target] over masked entries: 1 is perfect, 0 no better than the mean."""
-    var_target = masked_var(target, mask, unbiased=False)
-    return 1.0 - masked_var(target - predicted, mask, unbiased=False) / var_target.clamp(min=1e-12)
+    var_target = masked_var(target, mask, unbiased=False, reduce=reduce)
+    return 1.0 - masked_var(target - predicted, mask, unbiased=False, reduce=reduce) / var_target.clamp(min=1e-12)
 
 
 # ----------------------------------------------------------------------------------------------

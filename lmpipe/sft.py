@@ -370,22 +370,30 @@ def export_model(model: GPT, pretrained_dir: Path, model_dir: Path, extra: dict[
 
 
 def sft(ws: Workspace, cfg: SftConfig, pretrained_dir: Path, out_dir: Path, shard_dir: Path | None = None,
-        log: Logger | None = None, progress: bool = True) -> SftResult:
+        log: Logger | None = None, progress: bool = True, dist: Dist | None = None) -> SftResult:
     """Fine-tune the model in ``pretrained_dir`` on the workspace's instructions (resuming if ``out_dir`` has
-    checkpoints); write the best model to ``out_dir/model`` and evaluate it beside the pretrained one."""
+    checkpoints); write the best model to ``out_dir/model`` and evaluate it beside the pretrained one.
+
+    Under torchrun (``dist``) each rank trains on its own rows of every step's global batch and DDP averages
+    the gradients; rank 0 alone evaluates, keeps the best model and writes the model folder, and the other
+    ranks return a result without evaluation.
+    """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device, out_dir, best_dir = resolve_device(cfg.device), Path(out_dir), Path(out_dir) / BEST_DIR
-    if latest_checkpoint(out_dir / "checkpoints") is None:
+    dist = dist or Dist(device=resolve_device(cfg.device))
+    device, out_dir, best_dir = dist.device, Path(out_dir), Path(out_dir) / BEST_DIR
+    if dist.is_main and latest_checkpoint(out_dir / "checkpoints") is None:
         shutil.rmtree(best_dir, ignore_errors=True)  # a best model from another run must not win
     model, tokenizer, extra = load_lm(pretrained_dir, device)
     template, block = ChatTemplate(tokenizer), model.config.block_size
     data = {s: instructions.load_instructions(ws, s, cfg.builtin) for s in ("train", "val", "test")}
     examples = {s: render_examples(template, rows, block) for s, rows in data.items()}
     torch.manual_seed(cfg.seed)
-    trainer = Trainer(model, TrainSettings.from_section(cfg), out_dir, log or NullLogger(), progress=progress)
+    trainer = Trainer(model, TrainSettings.from_section(cfg), out_dir, log or NullLogger(), dist, progress)
     objective = InstructionObjective(cfg, examples["train"], examples["val"], block, trainer.dist, best_dir)
     trainer.fit(objective)
+    if not dist.is_main:
+        return SftResult(out_dir / MODEL_DIR, {}, Evaluation(), trainer.losses)
     tuned = load_model_folder(best_dir, device) if best_dir.exists() else trainer.raw_model.eval()
     model_dir = export_model(tuned, pretrained_dir, out_dir / MODEL_DIR, {**extra, "sft_steps": trainer.step,
                                                                          "sft_best_step": objective.best_step})
@@ -405,6 +413,7 @@ def summary_metrics(ev: Evaluation, trainer: Trainer, objective: InstructionObje
         if key in after:
             out[f"{key}_gain"] = after[key] - before[key]
     out.update({"steps": float(trainer.step), "best_step": float(objective.best_step),
+                "tokens_trained": float(trainer.tokens), "tokens_processed": float(trainer.tokens),
                 "stopped_early": float(trainer.step < trainer.settings.max_steps),
                 "heldout_prompts": float(len(ev.rows)), **{f"examples_{s}": float(n) for s, n in sizes.items()}})
     return out
@@ -456,3 +465,28 @@ def external_inputs(ws: Workspace, cfg: PipelineConfig) -> dict[str, Any]:
 def is_chat_model(model_dir: Path) -> bool:
     """Whether a model folder was tuned with the chat template (so prompts should be rendered with it)."""
     return read_model_config(model_dir)[1].get("chat_template") == TEMPLATE_NAME
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Fine-tune outside the pipeline, e.g. under torchrun on several GPUs (see lmpipe.launch)."""
+    from lmpipe import launch
+    from lmpipe.trainer import distributed
+
+    p = launch.parser("python -m lmpipe.sft", main.__doc__)
+    p.add_argument("--pretrained", help="Pretrained model folder (default: the workspace's last pretrain result).")
+    p.add_argument("--shards", help="Corpus token shards for test bits per byte (default: the workspace's, if any).")
+    args = p.parse_args(argv)
+    cfg = launch.config(args)
+    ws = Workspace.resolve(args.workspace)
+    pretrained = launch.stage_output(ws, args.pretrained, "pretrain", "model", "--pretrained")
+    shard_dir = launch.stage_output(ws, args.shards, "tokenizer", "shards", "--shards", required=False)
+    with distributed(cfg.sft.device) as dist:
+        launch.prepare(ws, dist, "sft data", lambda: prepare_data(ws, cfg.sft, cfg.ingest))
+        result = sft(ws, cfg.sft, pretrained, Path(args.out), shard_dir, dist=dist)
+        if dist.is_main:
+            write_reports(result, Path(args.out), cfg.sft.sample_rows)
+        launch.report(dist, result.metrics)
+
+
+if __name__ == "__main__":
+    main()

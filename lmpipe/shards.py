@@ -264,7 +264,8 @@ def run_stage(ctx: StageContext) -> StageOutput:
 
     metrics = shard_metrics(meta)
     text_mb = sum(s["bytes"] - s["documents"] for s in meta["splits"].values()) / 1e6
-    metrics.update({"train_seconds": train_seconds, "encode_seconds": encode_seconds,
+    metrics.update({"tokens_processed": float(sum(s["tokens"] for s in meta["splits"].values())),
+                    "train_seconds": train_seconds, "encode_seconds": encode_seconds,
                     "encode_mb_per_s": text_mb / max(encode_seconds, 1e-9)})
     ctx.log.metrics(metrics)
     ctx.log.artifact(tok_path)

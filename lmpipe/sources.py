@@ -6,10 +6,18 @@
 
 Local text, JSONL and JSON files are decoded in Python (strict UTF-8, precise line numbers); Parquet, CSV
 and every remote source are read through a fresh in-memory DuckDB connection.
+
+Remote sources: DuckDB reads http(s)://, s3://, gs:// and hf:// URIs with its httpfs extension, taking S3
+credentials from the standard AWS environment variables (see :func:`s3_secret_sql`) or from the DuckDB
+secrets the user created (``CREATE PERSISTENT SECRET``). URI schemes listed in ``ingest.fsspec_schemes``
+are read through an fsspec filesystem registered on the connection instead (s3fs for s3://, gcsfs for
+gs://), configured the way that library is (``AWS_*`` variables, ``~/.aws``, ``FSSPEC_S3_*``): the route
+for object stores DuckDB's extension cannot reach, and for machines that cannot download the extension.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import gzip
 import hashlib
@@ -17,7 +25,7 @@ import io
 import json
 import os
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO, TypeVar
 from urllib.parse import urlsplit
@@ -73,12 +81,14 @@ class IngestError(ValueError):
 
 @dataclass(frozen=True)
 class Source:
-    """One input: `uri` is an absolute path for local files, the URI itself for remote ones."""
+    """One input: `uri` is an absolute path for local files, the URI itself for remote ones; `fsspec` says a
+    remote one is read through an fsspec filesystem rather than DuckDB's own (httpfs)."""
 
     uri: str
     format: str
     compression: str | None
     remote: bool
+    fsspec: bool = False
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -105,20 +115,23 @@ def classify(name: str) -> tuple[str, str | None] | None:
     return fmt, compression
 
 
-def resolve_sources(specs: Sequence[str]) -> list[Source]:
-    """Expand files, directories (recursive), globs and remote URIs into sources, deduplicated in order."""
+def resolve_sources(specs: Sequence[str], fsspec_schemes: Sequence[str] = ()) -> list[Source]:
+    """Expand files, directories (recursive), globs and remote URIs into sources, deduplicated in order.
+
+    Remote URIs whose scheme is in ``fsspec_schemes`` (e.g. ``["s3"]``) are to be read through fsspec.
+    """
     if isinstance(specs, str):
         raise TypeError("specs must be a sequence of strings, not a single string")
     found: dict[str, Source] = {}
     for spec in specs:
-        for source in _resolve_one(spec):
+        for source in _resolve_one(spec, fsspec_schemes):
             found.setdefault(source.uri, source)
     return list(found.values())
 
 
-def _resolve_one(spec: str) -> list[Source]:
-    if spec.startswith(REMOTE_SCHEMES):
-        return [_remote_source(spec)]
+def _resolve_one(spec: str, fsspec_schemes: Sequence[str]) -> list[Source]:
+    if spec.startswith(REMOTE_SCHEMES) or urlsplit(spec).scheme in fsspec_schemes:
+        return [_remote_source(spec, urlsplit(spec).scheme in fsspec_schemes)]
     path = os.path.expanduser(spec)
     if os.path.isdir(path):
         return _directory_sources(path)
@@ -129,11 +142,11 @@ def _resolve_one(spec: str) -> list[Source]:
     raise IngestError(spec, None, "no such file or directory")
 
 
-def _remote_source(uri: str) -> Source:
+def _remote_source(uri: str, fsspec: bool = False) -> Source:
     classified = classify(urlsplit(uri).path)  # the URL path drops ?query and #fragment
     if classified is None:
         raise IngestError(uri, None, f"unsupported suffix; supported: {_SUPPORTED}")
-    return Source(uri, classified[0], classified[1], remote=True)
+    return Source(uri, classified[0], classified[1], remote=True, fsspec=fsspec)
 
 
 def _file_source(path: str) -> Source:
@@ -200,7 +213,7 @@ def read_documents(source: Source, unit: str = "line", text_field: str = "text")
     if unit not in UNITS:
         raise ValueError(f"unit must be one of {UNITS}, not {unit!r}")
     if source.remote or source.format in ("parquet", "csv"):
-        documents = _duckdb_documents(source.uri, source.format, source.compression, unit, text_field)
+        documents = _duckdb_documents(source, unit, text_field)
     else:
         documents = _local_documents(source, unit, text_field)
     return _require_documents(source, documents)
@@ -287,15 +300,13 @@ def _jsonl_records(source: Source, parse: Callable[[dict, int], T]) -> Iterator[
 
 
 def _parquet_records(source: Source, parse: Callable[[dict, int], T]) -> Iterator[T]:
-    con = duckdb.connect()
     try:
-        rel = con.execute("SELECT * FROM read_parquet(?)", [source.uri])
-        names = [d[0] for d in rel.description]
-        rows = rel.fetchall()
+        with connection(source) as con:
+            rel = con.execute("SELECT * FROM read_parquet(?)", [source.uri])
+            names = [d[0] for d in rel.description]
+            rows = rel.fetchall()
     except duckdb.Error as exc:
-        raise IngestError(source.uri, None, f"cannot read as Parquet: {exc}") from exc
-    finally:
-        con.close()
+        raise IngestError(source.uri, None, f"cannot read as Parquet: {_duckdb_reason(exc)}") from exc
     for number, row in enumerate(rows, start=1):
         record = {k: v for k, v in zip(names, row, strict=True) if v is not None}
         try:
@@ -530,20 +541,85 @@ def _table_function(fmt: str, compression: str | None, json_layout: str = "array
     raise ValueError(f"no DuckDB table function for format {fmt!r}")
 
 
-def _duckdb_documents(
-    location: str, fmt: str, compression: str | None, unit: str, field: str
-) -> Iterator[tuple[int, str]]:
-    """Read any DuckDB-readable location (local path or remote URI) with DuckDB's own readers."""
+# ---------------------------------------------------------------------------------------------- remote access
+
+
+@contextlib.contextmanager
+def connection(source: Source) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A fresh in-memory DuckDB connection that can read ``source``, closed on exit.
+
+    A remote source gets its fsspec filesystem registered (``source.fsspec``), or for s3:// the S3
+    credentials of the environment as a temporary secret (DuckDB otherwise uses the user's own secrets).
+    """
+    con = duckdb.connect(":memory:")
     try:
-        with duckdb.connect(":memory:") as con:
+        scheme = urlsplit(source.uri).scheme
+        if source.remote and source.fsspec:
+            con.register_filesystem(fsspec_filesystem(scheme, source.uri))
+        elif source.remote and scheme == "s3" and (secret := s3_secret_sql(os.environ)):
+            con.execute(secret)
+        yield con
+    finally:
+        con.close()
+
+
+def fsspec_filesystem(scheme: str, uri: str = "") -> object:
+    """The fsspec filesystem of ``scheme`` as fsspec configures it (arguments from ``FSSPEC_<SCHEME>_*``)."""
+    try:
+        import fsspec
+
+        return fsspec.filesystem(scheme)
+    except (ImportError, ValueError) as error:  # no implementation installed (s3fs, gcsfs), or unknown scheme
+        raise IngestError(uri or f"{scheme}://", None, f"cannot read {scheme}:// through fsspec: {error}") from error
+
+
+def s3_secret_sql(env: Mapping[str, str]) -> str | None:
+    """A DuckDB ``CREATE SECRET`` statement with the S3 credentials of the standard AWS variables, or None.
+
+    ``AWS_ACCESS_KEY_ID`` and ``AWS_SECRET_ACCESS_KEY`` (both needed), ``AWS_SESSION_TOKEN``, ``AWS_REGION``
+    (or ``AWS_DEFAULT_REGION``) and ``AWS_ENDPOINT_URL_S3`` (or ``AWS_ENDPOINT_URL``) for an S3-compatible
+    server (MinIO, Ceph, R2...), which is then addressed with path-style URLs, over TLS if the URL is https.
+    """
+    key, secret = env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY")
+    if not key or not secret:
+        return None
+    options = {"KEY_ID": key, "SECRET": secret}
+    if token := env.get("AWS_SESSION_TOKEN"):
+        options["SESSION_TOKEN"] = token
+    if region := env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"):
+        options["REGION"] = region
+    flags = {}
+    if endpoint := env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL"):
+        url = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
+        options["ENDPOINT"] = url.netloc + url.path.rstrip("/")
+        options["URL_STYLE"] = "path"
+        flags["USE_SSL"] = "true" if url.scheme == "https" else "false"
+    values = [f"{k} '{v.replace(chr(39), chr(39) * 2)}'" for k, v in options.items()]
+    values += [f"{k} {v}" for k, v in flags.items()]
+    return f"CREATE OR REPLACE TEMPORARY SECRET lmpipe_s3_env (TYPE s3, {', '.join(values)})"
+
+
+def _duckdb_reason(error: duckdb.Error) -> str:
+    """The useful line of a DuckDB error: its first, or the exception line of a Python filesystem's traceback."""
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    if lines and lines[0].startswith("Traceback"):
+        raised = [line for line in lines if not line.startswith((" ", "Traceback", "LINE "))]
+        return raised[0] if raised else lines[-1]
+    return lines[0] if lines else type(error).__name__
+
+
+def _duckdb_documents(source: Source, unit: str, field: str) -> Iterator[tuple[int, str]]:
+    """Read any DuckDB-readable source (local path or remote URI) with DuckDB's own readers."""
+    location, fmt, compression = source.uri, source.format, source.compression
+    try:
+        with connection(source) as con:
             if fmt == "text":
                 stream = _decompressed(io.BytesIO(_fetch_blob(con, location)), compression)
-                yield from _stream_documents(stream, Source(location, fmt, compression, True), unit, field)
+                yield from _stream_documents(stream, source, unit, field)
             else:
                 yield from _column_documents(con, _relation(con, location, fmt, compression), location, field)
     except duckdb.Error as error:
-        reason = str(error).strip().splitlines()[0]
-        raise IngestError(location, None, f"cannot read as {fmt}: {reason}") from error
+        raise IngestError(location, None, f"cannot read as {fmt}: {_duckdb_reason(error)}") from error
 
 
 def _fetch_blob(con: duckdb.DuckDBPyConnection, location: str) -> bytes:
@@ -632,7 +708,7 @@ def source_digest(source: Source) -> tuple[str, int]:
     change that keeps both size and timestamp goes unnoticed; the size is the objects' total.
     """
     if source.remote:
-        return _remote_digest(source.uri)
+        return _remote_digest(source)
     digest, size = hashlib.sha256(), 0
     try:
         with open(source.uri, "rb") as handle:
@@ -644,14 +720,15 @@ def source_digest(source: Source) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def _remote_digest(uri: str) -> tuple[str, int]:
+def _remote_digest(source: Source) -> tuple[str, int]:
     # Selecting only these columns lets read_blob skip the content; a glob URI lists every object it matches.
+    uri = source.uri
     query = "SELECT filename, size, last_modified FROM read_blob(?) ORDER BY filename"
     try:
-        with duckdb.connect(":memory:") as con:
+        with connection(source) as con:
             rows = con.execute(query, [uri]).fetchall()
     except duckdb.Error as error:
-        raise IngestError(uri, None, f"cannot stat: {str(error).strip().splitlines()[0]}") from error
+        raise IngestError(uri, None, f"cannot stat: {_duckdb_reason(error)}") from error
     if not rows:
         raise IngestError(uri, None, "no such file or object")
     digest = hashlib.sha256(uri.encode())

@@ -14,6 +14,7 @@ import platform
 import subprocess
 import time
 from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,19 +45,51 @@ def git_info(path: Path | None = None) -> dict[str, str]:
     return {"git.commit": commit, "git.dirty": str(bool(dirty)).lower()}
 
 
+def _cpu_model() -> str:
+    """The CPU's marketing name where the OS tells it, else the architecture."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name") and ":" in line:
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    if platform.system() == "Darwin":
+        try:
+            return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
+                                  timeout=5, check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return platform.processor() or platform.machine()
+
+
+def _memory_gib() -> float | None:
+    """Physical memory in GiB, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
 def system_info() -> dict[str, str]:
+    """Host, CPU (model, cores), memory, GPUs (name, count) and library versions, as run tags."""
     info = {
         "host.platform": platform.platform(),
         "host.python": platform.python_version(),
+        "host.cpu_model": _cpu_model(),
         "host.cpu_count": str(os.cpu_count()),
         "lmpipe.version": __version__,
     }
+    memory = _memory_gib()
+    if memory is not None:
+        info["host.memory_gib"] = f"{memory:.1f}"
     try:
         import torch
 
         info["host.torch"] = torch.__version__
-        if torch.cuda.is_available():
-            info["host.gpu"] = torch.cuda.get_device_name(0)
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        info["host.gpu_count"] = str(count)
+        if count:
+            info["host.gpu"] = ", ".join(sorted({torch.cuda.get_device_name(i) for i in range(count)}))
     except ImportError:
         pass
     return info
@@ -125,6 +158,7 @@ class Tracker:
         self.uri = resolve_tracking_uri(ws, tracking_uri)
         self.client = MlflowClient(tracking_uri=self.uri)
         self.experiment_id = self._experiment(experiment)
+        self.registry = Registry(self.client)
 
     def _experiment(self, name: str) -> str:
         exp = self.client.get_experiment_by_name(name)
@@ -152,3 +186,157 @@ class Tracker:
 
     def search_runs(self, filter_string: str = "", max_results: int = 100) -> list[Any]:
         return self.client.search_runs([self.experiment_id], filter_string, max_results=max_results)
+
+
+# ----------------------------------------------------------------------------------------------
+# the model registry
+
+MODEL_ARTIFACT = "model"  # where a stage run keeps its model folder among its artifacts
+
+
+class UnknownModelVersion(LookupError):
+    """A registered model, or a version of it, that the registry does not hold."""
+
+
+@dataclass(frozen=True)
+class ModelVersionInfo:
+    """One registered version: where it came from (run, source, lineage tags) and the aliases on it."""
+
+    name: str
+    version: str
+    run_id: str
+    source: str
+    aliases: tuple[str, ...]
+    tags: dict[str, str]
+    created_at: float  # seconds since the epoch
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Registry:
+    """Registers stage models in the MLflow model registry, lists their versions and moves aliases."""
+
+    def __init__(self, client: Any):
+        self.client = client
+
+    @classmethod
+    def connect(cls, uri: str) -> Registry:
+        from mlflow import MlflowClient
+
+        return cls(MlflowClient(tracking_uri=uri, registry_uri=uri))
+
+    def register(self, name: str, run_id: str, model_dir: Path, alias: str = "",
+                 tags: Mapping[str, str] | None = None) -> tuple[ModelVersionInfo, bool]:
+        """Register the model folder of stage run ``run_id`` as a new version of ``name``; point ``alias`` at it.
+
+        A run already registered under ``name`` (a reused stage) gets no second version: its version is
+        returned and the alias moves back to it. The folder is uploaded as the run's ``model`` artifact
+        unless the run logged it already. ``tags`` (lineage) are stored on the version, with the pipeline
+        run and git commit of the run that trained the model where it has them. Returns (version, whether
+        it was created now).
+        """
+        existing = [v for v in self.client.search_model_versions(f"run_id = '{run_id}'") if v.name == name]
+        if existing:
+            version, created = min(existing, key=lambda v: int(v.version)), False
+        else:
+            run = self.client.get_run(run_id)
+            self._ensure_artifact(run_id, Path(model_dir))
+            self._ensure_model(name)
+            own = {"lmpipe.pipeline_run_id": run.data.tags.get("mlflow.parentRunId"),
+                   "git.commit": run.data.tags.get("git.commit"), "git.dirty": run.data.tags.get("git.dirty")}
+            lineage = {**(tags or {}), **{k: v for k, v in own.items() if v}}
+            source = f"{run.info.artifact_uri.rstrip('/')}/{MODEL_ARTIFACT}"
+            version = self.client.create_model_version(name, source, run_id, tags=lineage)
+            created = True
+        if alias:
+            self.client.set_registered_model_alias(name, alias, version.version)
+        return self.version(name, version.version), created
+
+    def _ensure_artifact(self, run_id: str, model_dir: Path) -> None:
+        if self.client.list_artifacts(run_id, MODEL_ARTIFACT):
+            return
+        if not model_dir.is_dir():
+            raise FileNotFoundError(f"model folder {model_dir} of MLflow run {run_id} is missing: nothing to register")
+        self.client.log_artifacts(run_id, str(model_dir), MODEL_ARTIFACT)
+
+    def _ensure_model(self, name: str) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(name, description="Trained by the lmpipe pipeline.")
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+
+    def _aliases(self, name: str) -> dict[str, tuple[str, ...]]:
+        """version -> its aliases' names; raises UnknownModelVersion for an unknown model."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            model = self.client.get_registered_model(name)
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                raise UnknownModelVersion(f"no registered model {name!r} in the model registry") from exc
+            raise
+        out: dict[str, list[str]] = {}
+        for alias, version in (model.aliases or {}).items():
+            out.setdefault(str(version), []).append(alias)
+        return {v: tuple(sorted(a)) for v, a in out.items()}
+
+    def versions(self, name: str) -> list[ModelVersionInfo]:
+        """Every version of ``name``, oldest first, with its aliases and tags."""
+        aliases = self._aliases(name)
+        found = self.client.search_model_versions(f"name = '{name}'")
+        infos = [_version_info(v, aliases.get(str(v.version), ())) for v in found]
+        return sorted(infos, key=lambda v: int(v.version))
+
+    def version(self, name: str, version: str | int) -> ModelVersionInfo:
+        """One version of ``name``; an unknown one raises UnknownModelVersion listing the versions there are."""
+        from mlflow.exceptions import MlflowException
+
+        aliases = self._aliases(name)
+        try:
+            found = self.client.get_model_version(name, str(version))
+        except MlflowException as exc:
+            if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise
+            have = ", ".join(v.version for v in self.versions(name)) or "none"
+            raise UnknownModelVersion(f"registered model {name!r} has no version {version} (versions: {have})"
+                                      ) from exc
+        return _version_info(found, aliases.get(str(found.version), ()))
+
+    def promote(self, name: str, version: str | int, alias: str = "production") -> ModelVersionInfo:
+        """Move ``alias`` of ``name`` to ``version`` (which must exist)."""
+        from mlflow.exceptions import MlflowException
+
+        self.version(name, version)
+        try:
+            self.client.set_registered_model_alias(name, alias, str(version))
+        except MlflowException as exc:
+            if exc.error_code != "INVALID_PARAMETER_VALUE":
+                raise
+            raise ValueError(f"cannot set alias {alias!r} of {name!r}: {exc.message}") from exc
+        return self.version(name, version)
+
+
+def _version_info(v: Any, aliases: tuple[str, ...]) -> ModelVersionInfo:
+    return ModelVersionInfo(v.name, str(v.version), v.run_id or "", v.source or "", aliases, dict(v.tags or {}),
+                            (v.creation_timestamp or 0) / 1000)
+
+
+def download_run_file(uri: str, run_id: str, paths: tuple[str, ...], dst: Path) -> Path:
+    """The first of ``paths`` that run ``run_id`` holds as an artifact, downloaded into ``dst``."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        client.get_run(run_id)
+    except MlflowException as exc:
+        raise LookupError(f"no MLflow run {run_id!r} in {uri}") from exc
+    for path in paths:
+        folder, _, name = path.rpartition("/")
+        if name in {Path(a.path).name for a in client.list_artifacts(run_id, folder or None)}:
+            return Path(client.download_artifacts(run_id, path, str(dst)))
+    raise LookupError(f"MLflow run {run_id} has no {' or '.join(paths)} artifact")

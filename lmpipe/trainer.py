@@ -88,6 +88,18 @@ class Dist:
         if self.world_size > 1:
             torch_dist.barrier()
 
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed element-wise over every rank, on every rank (``t`` itself in a single process).
+
+        Statistics that must agree across ranks (means, variances, counts) are reduced as sums and counts
+        with this, then divided, so every rank computes the same value from the whole global batch.
+        """
+        if self.world_size == 1:
+            return t
+        total = t.detach().clone()
+        torch_dist.all_reduce(total, op=torch_dist.ReduceOp.SUM)
+        return total
+
 
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
@@ -238,6 +250,7 @@ class Trainer:
         self.step = 0
         self.eval_metrics: dict[str, float] = {}
         self.losses: list[float] = []  # training loss of every step this process ran
+        self.tokens = 0  # tokens trained on over all ranks, steps before a resume included
         self._peak = peak_flops(self.device, s.peak_tflops)
         self._step_time: float | None = None
 
@@ -288,7 +301,7 @@ class Trainer:
 
     def save(self, objective: Objective | None = None, extra: dict[str, Any] | None = None) -> Path:
         state = {"data": objective.state_dict() if objective else {}, "eval": self.eval_metrics,
-                 "losses": self.losses, **(extra or {})}
+                 "losses": self.losses, "tokens": self.tokens, **(extra or {})}
         return checkpoint.save_checkpoint(self.ckpt_dir, self.step, self.raw_model, self.optimizer, state,
                                           self.settings.keep_last, self.dist.rank, self.dist.world_size,
                                           self.dist.barrier)
@@ -302,6 +315,7 @@ class Trainer:
         self.step = state["step"]
         self.eval_metrics = dict(state.get("eval", {}))
         self.losses = list(state.get("losses", []))
+        self.tokens = int(state.get("tokens", 0))
         if objective is not None:
             objective.load_state_dict(state.get("data", {}))
         self.print(f"resumed from {path} at step {self.step}")
@@ -327,6 +341,7 @@ class Trainer:
         if not pending:
             return
         values = torch.stack([t for _, _, t in pending]).tolist()
+        self.tokens += int(sum(v[2] for v in values))
         tok_s = sum(v[2] for v in values) / max(seconds, 1e-9)  # averaged over the window: steps are not synced
         per_step = seconds / len(pending)
         if self._step_time is None or pending[0][0] == 0:  # the first step compiles and warms up: not an estimate

@@ -79,14 +79,18 @@ def run_stage_task(
     # Kept if it exists: an interrupted attempt with the same key left checkpoints the stage resumes from.
     out_dir = ws.stage_dir(stage, cache_key)
     ctx = StageContext(ws, cfg, {k: StageResult.from_json(v) for k, v in inputs.items()}, out_dir, log=run)
+    t0 = time.perf_counter()
     try:
         output = spec.run(ctx)
     except BaseException as exc:
         run.tags({"lmpipe.error": f"{type(exc).__name__}: {exc}"[:5000]})
         run.end("FAILED")
         raise
+    # every stage's record carries its wall time; tokens_processed is the stage's own count (see the README)
+    metrics = {**output.metrics, "wall_seconds": time.perf_counter() - t0}
+    run.metrics({"wall_seconds": metrics["wall_seconds"]})
     run.tags({"lmpipe.fingerprint": output.fingerprint})
     run.end("FINISHED")
-    result = StageResult(stage, cache_key, output.fingerprint, output.outputs, output.metrics, output.summary,
+    result = StageResult(stage, cache_key, output.fingerprint, output.outputs, metrics, output.summary,
                          run.run_id, time.time())
     return result.to_json()

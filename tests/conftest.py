@@ -56,14 +56,15 @@ def experiment(request) -> str:
 
 @pytest.fixture(scope="session")
 def micro_run(prefect_server, tmp_path_factory):
-    """All eight stages run once per session with the MICRO overrides (about 20 s).
+    """Every stage of the pipeline run once per session with the MICRO overrides (about 20 s).
 
     Returns ``(workspace, flow output, overrides)``. Tests must not change this workspace; copy it first
     (``shutil.copytree``) to change or rerun anything.
     """
+    from micro import MICRO
+
     from flows.pipeline import run_pipeline
     from lmpipe.workspace import Workspace
-    from micro import MICRO
 
     ws = Workspace.resolve(tmp_path_factory.mktemp("micro") / "ws")
     overrides = [*MICRO, "tracking.experiment=micro-session"]

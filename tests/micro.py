@@ -1,4 +1,4 @@
-"""Overrides of the tiny preset that run all eight stages in about a minute, for end-to-end tests.
+"""Overrides of the tiny preset that run every stage in about a minute, for end-to-end tests.
 
 The numbers these models reach mean nothing; the tests that use them check plumbing: that every stage
 runs, records and hands its outputs on.
@@ -50,4 +50,5 @@ MICRO = (
     "ppo.max_new_tokens=8",
     "ppo.heldout_prompts=4",
     "ppo.sample_rows=2",
+    "report.continuation_tokens=8",
 )

@@ -145,6 +145,7 @@ def test_killed_run_resumes_to_the_identical_loss_curve(tmp_path):
 
     assert second.losses == full.losses  # bit-identical, all 8 steps (4 restored + 4 trained)
     assert len(full.losses) == 8
+    assert second.tokens == full.tokens == 8 * 4 * 8  # tokens trained: the restored steps' count too
     for (n, p), q in zip(full.raw_model.named_parameters(), second.raw_model.parameters(), strict=True):
         assert torch.equal(p, q), n
     assert metrics == full.eval_metrics
@@ -156,7 +157,7 @@ def test_finished_run_resumes_to_its_final_metrics_without_training(tmp_path):
     again = Trainer(tiny_model(), settings(max_steps=4), tmp_path, progress=False)
     obj = RandomTokens(2, fail_at=0)  # any training step would raise
     metrics = again.fit(obj)
-    assert "probe" in metrics and obj.evaluated == [] and len(again.losses) == 4
+    assert "probe" in metrics and obj.evaluated == [] and len(again.losses) == 4 and again.tokens == 4 * 2 * 8
 
 
 def test_gradient_accumulation_matches_one_large_batch(tmp_path):
