@@ -10,12 +10,16 @@ The filters follow a small protocol: a filter is called with a text and returns 
 
 from __future__ import annotations
 
+import hashlib
 import re
 import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+import numpy as np
+import pyarrow as pa
 
 _LINE_BREAKS = "\x85\u2028\u2029"  # NEL, LINE SEPARATOR, PARAGRAPH SEPARATOR: become "\n" so words stay apart
 _SPACES = "\t\x0b\x0c\u00a0\u1680\u202f\u205f\u3000" + "".join(map(chr, range(0x2000, 0x200B)))
@@ -225,3 +229,38 @@ def apply_filters(texts: Iterable[str], filters: Sequence[TextFilter]) -> tuple[
         else:
             kept.append(index)
     return kept, dropped
+
+
+# ----------------------------------------------------------------------------------------------
+# one chunk of an ingested source (run in cleaning worker processes)
+
+
+def text_hash(normalized: str) -> str:
+    """md5 of a normalised text: the exact-dedup key and the seed of its split."""
+    return hashlib.md5(normalized.encode("utf-8")).hexdigest()
+
+
+def dedup_keys(hashes: Sequence[str]) -> np.ndarray:
+    """The first 64 bits of each hex md5 as unsigned integers: cheap to send between processes and to look up."""
+    return np.frombuffer(bytes.fromhex("".join([h[:16] for h in hashes])), dtype=">u8").astype(np.uint64)
+
+
+def clean_chunk(
+    lines: list[int], texts: list[str], objects: list[str | None] | None, min_chars: int, max_chars: int
+) -> tuple[pa.Table, np.ndarray, Counter]:
+    """Normalise, length-filter and hash one chunk: (kept rows as a table, their dedup keys, drop counts).
+
+    Module-level in a light module so that worker processes start fast and can run it; building the Arrow
+    columns here keeps that cost off the reading process too.
+    """
+    cleaned = normalize_many(texts)
+    keep, dropped = apply_filters(cleaned, [LengthFilter(min_chars=max(min_chars, 1), max_chars=max_chars)])
+    kept = [cleaned[i] for i in keep]
+    hashes = [text_hash(t) for t in kept]
+    table = pa.table({
+        "line": pa.array([lines[i] for i in keep], pa.int32()),
+        "text": pa.array(kept, pa.string()),
+        "hash": pa.array(hashes, pa.string()),
+        "object": pa.array([objects[i] for i in keep] if objects else [None] * len(keep), pa.string()),
+    })
+    return table, dedup_keys(hashes), dropped

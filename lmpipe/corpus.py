@@ -17,6 +17,7 @@ import json
 import multiprocessing
 import os
 import queue
+import sys
 import threading
 import time
 from collections import Counter, deque
@@ -31,7 +32,7 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 from lmpipe import minhash, plots, warehouse
-from lmpipe.clean import LengthFilter, apply_filters, normalize_many
+from lmpipe.clean import clean_chunk, normalize_many, text_hash
 from lmpipe.config import IngestConfig, PipelineConfig
 from lmpipe.sources import IngestError, Source, read_batches, resolve_sources, source_digest
 from lmpipe.stage import Logger, NullLogger, StageContext, StageOutput, StageResult
@@ -136,38 +137,19 @@ def builtin_uri(modules: Sequence[str] = ()) -> str:
     return f"{BUILTIN_PREFIX}/{python_fingerprint()}/{scope}"
 
 
-def text_hash(normalized: str) -> str:
-    """md5 of a normalised text: the exact-dedup key and the seed of its split."""
-    return hashlib.md5(normalized.encode("utf-8")).hexdigest()
+_KEY_SQL = "('0x' || substr(hash, 1, 16))::UBIGINT"  # clean.dedup_keys of a stored hash
 
 
-def clean_chunk(
-    lines: list[int], texts: list[str], objects: list[str | None] | None, min_chars: int, max_chars: int
-) -> tuple[pa.Table, list[str], Counter]:
-    """Normalise, length-filter and hash one chunk: (kept rows as a table, their hashes, drop counts).
+def _dedup(prep: Prepared, n_read: int, result: tuple[pa.Table, np.ndarray, Counter], seen: set[int]) -> pa.Table:
+    """Account one cleaned chunk in ``prep`` and drop exact duplicates of anything in ``seen`` (first one wins).
 
-    Module-level so that worker processes can run it; building the Arrow columns here keeps that cost
-    off the reading process too.
+    Documents are compared by the first 64 bits of the md5 of their normalised text (``clean.dedup_keys``):
+    among a billion distinct documents, two share a key with a probability of about 3%.
     """
-    cleaned = normalize_many(texts)
-    keep, dropped = apply_filters(cleaned, [LengthFilter(min_chars=max(min_chars, 1), max_chars=max_chars)])
-    kept = [cleaned[i] for i in keep]
-    hashes = [text_hash(t) for t in kept]
-    table = pa.table({
-        "line": pa.array([lines[i] for i in keep], pa.int32()),
-        "text": pa.array(kept, pa.string()),
-        "hash": pa.array(hashes, pa.string()),
-        "object": pa.array([objects[i] for i in keep] if objects else [None] * len(keep), pa.string()),
-    })
-    return table, hashes, dropped
-
-
-def _dedup(prep: Prepared, n_read: int, result: tuple[pa.Table, list[str], Counter], seen: set[str]) -> pa.Table:
-    """Account one cleaned chunk in ``prep`` and drop exact duplicates of anything in ``seen`` (first one wins)."""
-    table, hashes, dropped = result
+    table, keys, dropped = result
     prep.read += n_read
     prep.dropped.update(dropped)
-    mask = [h not in seen and not seen.add(h) for h in hashes]  # set.add returns None
+    mask = [k not in seen and not seen.add(k) for k in keys.tolist()]  # set.add returns None
     n_dup = len(mask) - sum(mask)
     if n_dup:
         prep.dropped["exact_duplicate"] += n_dup
@@ -184,20 +166,38 @@ def _workers(workers: int | None, expected: int | None) -> int:
     return 1 if expected is not None and expected < PARALLEL_MIN_DOCS else workers
 
 
+def _main_reloadable() -> bool:
+    """Whether worker processes can re-import ``__main__``, as fork-server children do.
+
+    A script read from standard input cannot be: its workers would die at start-up, over and over, so
+    such callers clean serially.
+    """
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    return getattr(main, "__spec__", None) is not None or path is None or os.path.isfile(path)
+
+
 @contextlib.contextmanager
 def _cleaning_pool(workers: int) -> Iterator[Any]:
     """Worker processes for cleaning (None for one).
 
-    They come from a fork server, not a plain fork: the caller is usually a Prefect task in a process with
-    API, logging and event threads, and a child forked from it can inherit a lock some thread held at that
-    moment and wait on it forever. The fork server is a fresh single-threaded interpreter that has imported
-    this module once, so workers start fast, inherit no DuckDB connection and need no importable ``__main__``.
+    Forked directly when this process runs no other Python thread (``lmpipe ingest``, scripts): the fastest
+    start. Otherwise (a Prefect task, with its API, logging and event threads) they come from a fork server:
+    a child forked from a threaded process can inherit a lock some thread held at that moment and wait on
+    it forever. The fork server is a fresh single-threaded interpreter that has imported the cleaning code
+    once. Either way the pool starts before DuckDB opens, so no worker inherits a live database.
     """
     if workers < 2:
         yield None
         return
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload([__name__])
+    if threading.active_count() == 1:
+        ctx = multiprocessing.get_context("fork")
+    elif _main_reloadable():
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["__main__", "lmpipe.clean"])  # children then skip re-running __main__
+    else:
+        yield None
+        return
     pool = ctx.Pool(workers)
     try:
         yield pool
@@ -232,7 +232,7 @@ def prepare(chunks: Iterable[tuple[list[int], list[str]]], prep: Prepared, cfg: 
             expected: int | None = None) -> Prepared:
     """Clean batches of (line numbers, texts) into ``prep``, in worker processes when there are many."""
     workers = 1 if objects is not None else _workers(workers, expected)
-    seen: set[str] = set()
+    seen: set[int] = set()
     parts = [prep.table]
     with _cleaning_pool(workers) as pool:
         for n, result in _cleaned(chunks, cfg, pool, workers, objects):
@@ -472,7 +472,7 @@ def _stream_source(ws: Workspace, src: Source, cfg: IngestConfig, digest: tuple[
     with _cleaning_pool(n_workers) as pool, warehouse.connect(ws) as con:
         con.begin()
         try:
-            seen = {h for (h,) in con.sql("SELECT hash FROM documents").fetchall()}
+            seen = {k for (k,) in con.sql(f"SELECT {_KEY_SQL} FROM documents").fetchall()}
             source_id, first_id = _new_source(con)
             next_id, buffered = first_id, []
             with _Inserter(con, source_id, cfg) as inserter:
