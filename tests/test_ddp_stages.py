@@ -6,16 +6,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
-import time
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn as nn
+from ranks import spawn
 from safetensors.torch import load_file, save_file
 
 from lmpipe import instructions, ppo, rl, sft
@@ -76,27 +74,6 @@ def assets(tmp_path_factory) -> dict[str, Path]:
 # running ranks
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(worker, *args, world: int = 2) -> None:
-    """Run ``worker(rank, world, port, *args)`` on ``world`` processes, as torchrun would; fail on error or hang."""
-    ctx = mp.start_processes(worker, args=(world, _free_port(), *args), nprocs=world, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"workers did not finish within {TIMEOUT_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-
-
 def _join(rank: int, world: int, port: int):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -145,7 +122,7 @@ def _sft_worker(rank: int, world: int, port: int, root: str) -> None:
 def test_sft_on_two_processes_equals_one_process_with_the_same_global_batch(assets, monkeypatch):
     root = assets["root"]
     (root / "sft-ddp").mkdir()
-    _spawn(_sft_worker, str(root))
+    spawn(_sft_worker, str(root), timeout=TIMEOUT_S)
     ddp = _assert_same_weights(root / "sft-ddp")
     r0, r1 = (json.loads((root / "sft-ddp" / f"result{r}.json").read_text()) for r in (0, 1))
     assert r1["metrics"] == {} and r0["metrics"]["steps"] == SFT_CFG.max_steps  # rank 0 alone evaluates
@@ -206,7 +183,7 @@ def _ppo_worker(rank: int, world: int, port: int, root: str) -> None:
 def test_ppo_on_two_processes_keeps_the_ranks_identical_with_global_statistics(assets):
     root = assets["root"]
     (root / "ppo-ddp").mkdir()
-    _spawn(_ppo_worker, str(root))
+    spawn(_ppo_worker, str(root), timeout=TIMEOUT_S)
     r0, r1 = (json.loads((root / "ppo-ddp" / f"result{r}.json").read_text()) for r in (0, 1))
 
     # the reduction helpers, on both ranks: the statistics of [1, 2, 3, 4]
