@@ -44,7 +44,8 @@ from lmpipe import sources, warehouse
 from lmpipe.chat import ROLES, Message, check_turns, conversation
 from lmpipe.config import IngestConfig
 from lmpipe.corpus import split_of, text_hash
-from lmpipe.sources import Source, resolve_sources, source_digest
+from lmpipe.records import FileReport, ingest_file, insert_new
+from lmpipe.sources import Source, resolve_sources
 from lmpipe.workspace import Workspace
 
 BUILTIN_SOURCE = "builtin:python-stdlib-instructions"
@@ -103,17 +104,6 @@ class Record:
     def digest(self) -> str:
         turns = [[m.role, m.content] for m in self.messages()]
         return hashlib.md5(json.dumps(turns, ensure_ascii=False).encode("utf-8")).hexdigest()
-
-
-@dataclass(frozen=True)
-class InstructionReport:
-    """What happened to one instruction source."""
-
-    uri: str
-    status: str  # "ingested", "skipped" (already ingested) or "derived" (the built-in set)
-    records: int = 0
-    kept: int = 0
-    seconds: float = 0.0
 
 
 @contextlib.contextmanager
@@ -214,44 +204,19 @@ def _rows_table(source: str, records: Sequence[Record], cfg: IngestConfig, objec
     })
 
 
+_COLUMNS = "source, line, system, history, prompt, response, split, hash, object"
+
+
 def _insert_new(con: duckdb.DuckDBPyConnection, table: pa.Table) -> int:
-    """Insert the rows whose conversation is new (first occurrence only); return how many."""
-    con.register("_incoming", table)
-    before = con.sql("SELECT count(*) FROM instructions").fetchall()[0][0]
-    con.execute(
-        """INSERT INTO instructions
-           SELECT source, line, system, history, prompt, response, split, hash, object
-           FROM (SELECT *, row_number() OVER () AS ord FROM _incoming)
-           WHERE hash NOT IN (SELECT hash FROM instructions)
-           QUALIFY row_number() OVER (PARTITION BY hash ORDER BY ord) = 1
-           ORDER BY ord"""
-    )
-    con.unregister("_incoming")
-    return con.sql("SELECT count(*) FROM instructions").fetchall()[0][0] - before
+    return insert_new(con, "instructions", _COLUMNS, table)
 
 
-def _ingest_file(con: duckdb.DuckDBPyConnection, source: Source, cfg: IngestConfig) -> InstructionReport:
-    t0 = time.perf_counter()
-    sha, _ = source_digest(source)
-    if con.execute("SELECT count(*) FROM instruction_sources WHERE sha256 = ?", [sha]).fetchall()[0][0]:
-        return InstructionReport(source.uri, "skipped")
-    records = read_records(source)  # everything is read and checked before anything is written
-    con.begin()
-    try:
-        kept = _insert_new(con, _rows_table(source.uri, records, cfg))
-        con.execute("INSERT INTO instruction_sources VALUES (?, ?, ?, ?, now())", [source.uri, sha, len(records), kept])
-        con.commit()
-    except BaseException:
-        con.rollback()
-        raise
-    return InstructionReport(source.uri, "ingested", len(records), kept, time.perf_counter() - t0)
-
-
-def ingest_files(ws: Workspace, specs: Sequence[str], cfg: IngestConfig) -> list[InstructionReport]:
+def ingest_files(ws: Workspace, specs: Sequence[str], cfg: IngestConfig) -> list[FileReport]:
     """Ingest instruction files (paths, directories or globs), one transaction each; raises IngestError."""
     planned = resolve_sources(specs, cfg.fsspec_schemes)  # every path is checked before anything is read
     with connect(ws) as con:
-        return [_ingest_file(con, src, cfg) for src in planned]
+        return [ingest_file(con, src, "instructions", _COLUMNS, "instruction_sources", read_records,
+                            lambda uri, rows: _rows_table(uri, rows, cfg)) for src in planned]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -303,7 +268,7 @@ def builtin_records(con: duckdb.DuckDBPyConnection, cfg: IngestConfig, per_objec
 
 
 def derive_builtin(ws: Workspace, cfg: IngestConfig, per_object: int = 0, max_chars: int = 300
-                   ) -> InstructionReport:
+                   ) -> FileReport:
     """Replace the built-in instruction set with one derived from the warehouse's ``stdlib_objects``."""
     t0 = time.perf_counter()
     with connect(ws) as con:
@@ -316,7 +281,7 @@ def derive_builtin(ws: Workspace, cfg: IngestConfig, per_object: int = 0, max_ch
         except BaseException:
             con.rollback()
             raise
-    return InstructionReport(BUILTIN_SOURCE, "derived", len(records), kept, time.perf_counter() - t0)
+    return FileReport(BUILTIN_SOURCE, "derived", len(records), kept, time.perf_counter() - t0)
 
 
 # ----------------------------------------------------------------------------------------------

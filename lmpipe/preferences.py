@@ -58,7 +58,8 @@ from lmpipe.chat import ROLES, Message, check_turns
 from lmpipe.config import IngestConfig
 from lmpipe.corpus import split_of, text_hash
 from lmpipe.instructions import phrasings, summary
-from lmpipe.sources import Source, resolve_sources, source_digest
+from lmpipe.records import FileReport, ingest_file, insert_new
+from lmpipe.sources import Source, resolve_sources
 from lmpipe.workspace import Workspace
 
 SPLITS = ("train", "val", "test")
@@ -121,17 +122,6 @@ class Pair:
     def digest(self) -> str:
         key = json.dumps([self.context_digest(), self.chosen, self.rejected], ensure_ascii=False)
         return hashlib.md5(key.encode("utf-8")).hexdigest()
-
-
-@dataclass(frozen=True)
-class PreferenceReport:
-    """What happened to one preference source."""
-
-    uri: str
-    status: str  # "ingested", "skipped" (already ingested) or "derived" (a built-in set)
-    records: int = 0
-    kept: int = 0
-    seconds: float = 0.0
 
 
 @contextlib.contextmanager
@@ -274,47 +264,22 @@ def _rows_table(source: str, pairs: Sequence[Pair], cfg: IngestConfig) -> pa.Tab
     })
 
 
+_COLUMNS = "source, line, system, history, prompt, chosen, rejected, split, pair_type, group_id, hash, object"
+
+
 def _insert_new(con: duckdb.DuckDBPyConnection, table: pa.Table) -> int:
-    """Insert the rows whose pair is new (first occurrence only); return how many."""
-    con.register("_incoming", table)
-    before = con.sql("SELECT count(*) FROM preferences").fetchall()[0][0]
-    con.execute(
-        """INSERT INTO preferences
-           SELECT source, line, system, history, prompt, chosen, rejected, split, pair_type, group_id, hash, object
-           FROM (SELECT *, row_number() OVER () AS ord FROM _incoming)
-           WHERE hash NOT IN (SELECT hash FROM preferences)
-           QUALIFY row_number() OVER (PARTITION BY hash ORDER BY ord) = 1
-           ORDER BY ord"""
-    )
-    con.unregister("_incoming")
-    return con.sql("SELECT count(*) FROM preferences").fetchall()[0][0] - before
+    return insert_new(con, "preferences", _COLUMNS, table)
 
 
-def _ingest_file(con: duckdb.DuckDBPyConnection, source: Source, cfg: IngestConfig) -> PreferenceReport:
-    t0 = time.perf_counter()
-    sha, _ = source_digest(source)
-    if con.execute("SELECT count(*) FROM preference_sources WHERE sha256 = ?", [sha]).fetchall()[0][0]:
-        return PreferenceReport(source.uri, "skipped")
-    pairs = read_pairs(source)  # everything is read and checked before anything is written
-    con.begin()
-    try:
-        kept = _insert_new(con, _rows_table(source.uri, pairs, cfg))
-        con.execute("INSERT INTO preference_sources VALUES (?, ?, ?, ?, now())", [source.uri, sha, len(pairs), kept])
-        con.commit()
-    except BaseException:
-        con.rollback()
-        raise
-    return PreferenceReport(source.uri, "ingested", len(pairs), kept, time.perf_counter() - t0)
-
-
-def ingest_files(ws: Workspace, specs: Sequence[str], cfg: IngestConfig) -> list[PreferenceReport]:
+def ingest_files(ws: Workspace, specs: Sequence[str], cfg: IngestConfig) -> list[FileReport]:
     """Ingest preference files (paths, directories or globs), one transaction each; raises IngestError."""
     planned = resolve_sources(specs, cfg.fsspec_schemes)  # every path is checked before anything is read
     with connect(ws) as con:
-        return [_ingest_file(con, src, cfg) for src in planned]
+        return [ingest_file(con, src, "preferences", _COLUMNS, "preference_sources", read_pairs,
+                            lambda uri, rows: _rows_table(uri, rows, cfg)) for src in planned]
 
 
-def replace_source(ws: Workspace, source: str, pairs: Sequence[Pair], cfg: IngestConfig) -> PreferenceReport:
+def replace_source(ws: Workspace, source: str, pairs: Sequence[Pair], cfg: IngestConfig) -> FileReport:
     """Replace the rows of a built-in ``source`` by ``pairs`` in one transaction."""
     t0 = time.perf_counter()
     with connect(ws) as con:
@@ -326,7 +291,7 @@ def replace_source(ws: Workspace, source: str, pairs: Sequence[Pair], cfg: Inges
         except BaseException:
             con.rollback()
             raise
-    return PreferenceReport(source, "derived", len(pairs), kept, time.perf_counter() - t0)
+    return FileReport(source, "derived", len(pairs), kept, time.perf_counter() - t0)
 
 
 # ----------------------------------------------------------------------------------------------

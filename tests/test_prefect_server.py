@@ -112,11 +112,15 @@ def _assert_every_stage_reused(ws, overrides: list[str], flow_run_id: str) -> No
     from lmpipe.tracking import Tracker
 
     tracker = Tracker(ws, load_config("tiny", overrides=overrides).tracking.experiment)
-    (parent,) = tracker.search_runs(f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+    tagged = tracker.search_runs(f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+    parents = [r for r in tagged if r.data.tags.get("lmpipe.kind") == "pipeline"]
+    assert len(parents) == 1, [(r.info.run_name, r.info.status, r.data.tags.get("lmpipe.kind")) for r in tagged]
+    parent = parents[0]
     assert parent.info.status == "FINISHED"
     children = tracker.search_runs(f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     reused = {c.info.run_name: c.data.tags.get("lmpipe.reused") for c in children}
-    assert reused == {stage.name: "true" for stage in pipeline.STAGES}
+    assert reused == {stage.name: "true" for stage in pipeline.STAGES}, {
+        c.info.run_name: c.data.tags.get("lmpipe.cache_key") for c in children}
 
 
 def _server_url(log: Path, proc: subprocess.Popen, deadline: float) -> str:
