@@ -145,6 +145,20 @@ def stop_process_group(proc: subprocess.Popen, timeout: float = 20) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
+def wait_until_healthy(proc: subprocess.Popen, health_url: str, timeout: float, what: str) -> None:
+    """Poll ``health_url`` until it answers 200; raise if ``proc`` (the server) exits first or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {proc.returncode}")
+        with contextlib.suppress(OSError), urllib.request.urlopen(health_url, timeout=2) as r:
+            if r.status == 200:
+                return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not answer at {health_url} within {timeout:.0f} s")
+        time.sleep(0.25)
+
+
 @contextlib.contextmanager
 def local_prefect_server(home: Path, port: int | None = None, timeout: float = 120, ui: bool = True) -> Iterator[str]:
     """Run ``prefect server start`` on 127.0.0.1 with its home (and database) in ``home``; yield its API URL.
@@ -162,16 +176,7 @@ def local_prefect_server(home: Path, port: int | None = None, timeout: float = 1
                             stdin=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}/api"
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"prefect server exited with code {proc.returncode}; see {log.name}")
-            with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"prefect server did not answer within {timeout:.0f} s; see {log.name}")
-            time.sleep(0.5)
+        wait_until_healthy(proc, f"{url}/health", timeout, f"prefect server (log: {log.name})")
         yield url
     finally:
         stop_process_group(proc)

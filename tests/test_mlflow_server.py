@@ -9,13 +9,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,22 +18,18 @@ import pytest
 from click.testing import CliRunner
 from micro import MICRO
 
+from flows.schedule import free_port, stop_process_group, wait_until_healthy
+
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 
 TRAINING_STAGES = ("ingest", "ngram", "embeddings", "tokenizer", "pretrain", "sft", "reward", "ppo")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
 def mlflow_server(root: Path, startup_timeout: float = 60.0) -> Iterator[str]:
     """An ``mlflow server`` on a free local port with its store and artifacts under ``root``; killed on exit."""
     root.mkdir(parents=True)
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1],
            "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
            "--artifacts-destination", str(root / "artifacts")]
@@ -47,30 +38,10 @@ def mlflow_server(root: Path, startup_timeout: float = 60.0) -> Iterator[str]:
     with open(root / "server.log", "wb") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            deadline = time.monotonic() + startup_timeout
-            while True:
-                if proc.poll() is not None:
-                    tail = (root / "server.log").read_text(errors="replace")[-2000:]
-                    raise RuntimeError(f"mlflow server exited with {proc.returncode}:\n{tail}")
-                try:
-                    with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                        if response.status == 200:
-                            break
-                except (urllib.error.URLError, OSError):
-                    pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"mlflow server at {url} not healthy after {startup_timeout:.0f} s")
-                time.sleep(0.25)
+            wait_until_healthy(proc, f"{url}/health", startup_timeout, f"mlflow server (log: {root / 'server.log'})")
             yield url
         finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+            stop_process_group(proc, timeout=10)
 
 
 @pytest.mark.timeout(300)
