@@ -3,19 +3,23 @@
 Layout: a ``\\data\\`` header with ``ngram k=count`` lines, then one ``\\k-grams:`` section per order whose
 lines are ``log10 p<TAB>w1 ... wk[<TAB>log10 bow]`` (no back-off weight at the highest order), then
 ``\\end\\``. Probability 0 is written as -99, the convention for log10(0); reading maps -99 back to 0.
-The body is written by DuckDB (``COPY``), which keeps export fast for models with millions of n-grams.
+
+Values are float32, as in KenLM, each written with the fewest significant digits (6 to 9) that read back
+to the same float32. The body is formatted by a compiled kernel from batches of packed n-grams (word
+ids, see :func:`lmpipe.ngram.pack`) and values, so a model with tens of millions of n-grams streams from
+DuckDB to disk in bounded memory. The file appears complete or not at all (temporary file, then rename).
 """
 
 from __future__ import annotations
 
-import shutil
-import tempfile
+import os
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
-import duckdb
 import numpy as np
-import pyarrow as pa
+from numba import njit, prange
 
 from lmpipe.ngram_count import key_bits
 from lmpipe.wordtok import SPECIALS, Vocabulary
@@ -24,54 +28,219 @@ if TYPE_CHECKING:
     from lmpipe.ngram import BackoffModel
 
 LOG_ZERO = -99.0
+_SEGMENTS = 16  # row segments per batch, formatted in parallel
+_F10 = np.array([10.0 ** i for i in range(23)])  # exact powers of ten in float64
+_I10 = np.array([10 ** i for i in range(19)], np.int64)
+_MAX_NUMBER = 40  # longer than any number the kernel writes (sign, 9 digits, point, up to 18 zeros)
 
 
-def _number(expr: str) -> str:
-    return f"CASE WHEN {expr} <= {LOG_ZERO} OR isinf({expr}) THEN '-99' ELSE ({expr})::VARCHAR END"
+@njit(inline="always")
+def _put_uint(out: np.ndarray, pos: int, value: int, width: int) -> int:
+    """Write ``value`` in decimal, left-padded with zeros to ``width`` digits; returns the new position."""
+    n = 1
+    v = value // 10
+    while v > 0:
+        n += 1
+        v //= 10
+    n = max(n, width)
+    for j in range(n - 1, -1, -1):
+        out[pos + j] = 48 + value % 10
+        value //= 10
+    return pos + n
 
 
-def arpa_line(logp: str, words: list[str], bow: str | None) -> str:
-    """SQL expression of one ARPA line from SQL expressions for log10 p, the words and log10 bow (None: top order)."""
-    line = f"{_number(logp)} || chr(9) || " + " || ' ' || ".join(words)
-    return line + (f" || chr(9) || {_number(bow)}" if bow is not None else "")
+@njit(inline="always")
+def _put_number(out: np.ndarray, pos: int, v: float) -> int:
+    """Write float32 ``v`` with the fewest significant digits (6..9) that read back to it; -99 for log10(0)."""
+    if not v > LOG_ZERO:  # -inf, NaN, and anything at or below the log-zero convention
+        out[pos], out[pos + 1], out[pos + 2] = 45, 57, 57
+        return pos + 3
+    target = np.float32(v)
+    a = abs(float(v))
+    if a < 1e-14:
+        out[pos] = 48
+        return pos + 1
+    e10 = int(np.floor(np.log10(a)))
+    m, s = 0, 0
+    for p in range(6, 10):
+        s = min(p - 1 - e10, 18)
+        m = int(np.rint(a * _F10[s])) if s >= 0 else int(np.rint(a / _F10[-s]))
+        back = m / _F10[s] if s >= 0 else m * _F10[-s]
+        if np.float32(back if v > 0 else -back) == target:
+            break
+    if v < 0:
+        out[pos] = 45
+        pos += 1
+    if s <= 0:
+        return _put_uint(out, pos, m * _I10[-s], 1)
+    scale = _I10[s]
+    frac = m % scale
+    while s > 0 and frac % 10 == 0:  # drop trailing zeros of the fraction
+        frac //= 10
+        s -= 1
+    pos = _put_uint(out, pos, m // scale, 1)
+    if s > 0:
+        out[pos] = 46
+        pos = _put_uint(out, pos + 1, frac, s)
+    return pos
 
 
-def write_sections(con: duckdb.DuckDBPyConnection, sections: list[tuple[int, str]], path: Path) -> Path:
-    """Write an ARPA file; ``sections[k-1]`` is (number of k-grams, a query of one column: the lines).
+@njit(inline="always")
+def _word_id(hi: np.ndarray, lo: np.ndarray, i: int, j: int, k: int, bits: int) -> int:
+    """Word j (0-based) of the packed k-gram in row i (ids stored as id + 1, first word highest)."""
+    shift = bits * (k - 1 - j)
+    if shift >= 64:
+        digit = hi[i] >> np.uint64(shift - 64)
+    elif shift > 0 and shift + bits > 64:
+        digit = (lo[i] >> np.uint64(shift)) | (hi[i] << np.uint64(64 - shift))
+    else:
+        digit = lo[i] >> np.uint64(shift)
+    return np.int64(digit & np.uint64((1 << bits) - 1)) - 1
 
-    Each section is streamed to disk by DuckDB's ``COPY``, so no order has to fit in Python's memory.
+
+@njit(cache=True, nogil=True)
+def _segment_bounds(hi: np.ndarray, lo: np.ndarray, k: int, bits: int, offsets: np.ndarray,
+                    rows: np.ndarray) -> np.ndarray:
+    """Byte offsets where each row segment ``rows[s]..rows[s+1]`` may start writing (an upper bound of its lines)."""
+    starts = np.zeros(len(rows), np.int64)
+    for s in range(len(rows) - 1):
+        need = (2 * _MAX_NUMBER + k + 2) * (rows[s + 1] - rows[s])
+        for i in range(rows[s], rows[s + 1]):
+            for j in range(k):
+                w = _word_id(hi, lo, i, j, k, bits)
+                need += offsets[w + 1] - offsets[w]
+        starts[s + 1] = starts[s] + need
+    return starts
+
+
+@njit(cache=True, parallel=True)
+def _format_segments(hi: np.ndarray, lo: np.ndarray, k: int, bits: int, logp: np.ndarray, bow: np.ndarray,
+                     has_bow: bool, text: np.ndarray, offsets: np.ndarray, rows: np.ndarray,
+                     starts: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Format each row segment as ARPA lines from its byte start on, in parallel; returns the bytes per segment."""
+    used = np.zeros(len(rows) - 1, np.int64)
+    for s in prange(len(rows) - 1):
+        pos = starts[s]
+        for i in range(rows[s], rows[s + 1]):
+            pos = _put_number(out, pos, logp[i])
+            out[pos] = 9
+            pos += 1
+            for j in range(k):
+                if j:
+                    out[pos] = 32
+                    pos += 1
+                w = _word_id(hi, lo, i, j, k, bits)
+                n = offsets[w + 1] - offsets[w]
+                out[pos:pos + n] = text[offsets[w]:offsets[w + 1]]
+                pos += n
+            if has_bow:
+                out[pos] = 9
+                pos = _put_number(out, pos + 1, bow[i])
+            out[pos] = 10
+            pos += 1
+        used[s] = pos - starts[s]
+    return used
+
+
+class ArpaWriter:
+    """Writes an ARPA file section by section from packed n-grams; use as a context manager.
+
+    ``counts[k-1]`` is the number of k-grams that :meth:`write` will be given for order k (the header
+    comes first). On an exception the partial file is removed and ``path`` is left as it was.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp, open(path, "w", encoding="utf-8") as out:
-        out.write("\\data\\\n" + "".join(f"ngram {k}={n}\n" for k, (n, _) in enumerate(sections, 1)))
-        for k, (_, query) in enumerate(sections, 1):
-            body = Path(tmp) / f"{k}.txt"
-            con.execute(f"COPY ({query}) TO '{body}' (FORMAT csv, HEADER false, QUOTE '', ESCAPE '', DELIMITER chr(1))")
-            out.write(f"\n\\{k}-grams:\n")
-            with open(body, encoding="utf-8") as fh:
-                shutil.copyfileobj(fh, out)
-        out.write("\n\\end\\\n")
-    return path
+
+    def __init__(self, path: Path, words: Sequence[str], counts: Sequence[int]) -> None:
+        self.path = Path(path)
+        self.counts = list(counts)
+        encoded = [w.encode("utf-8") for w in words]
+        self.text = np.frombuffer(b"".join(encoded), np.uint8) if encoded else np.zeros(0, np.uint8)
+        self.offsets = np.zeros(len(encoded) + 1, np.int64)
+        np.cumsum([len(b) for b in encoded], out=self.offsets[1:])
+        self.bits = key_bits(len(words))
+        self.buffer = np.empty(0, np.uint8)
+        self.order = 0
+        self.written = 0
+        self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self._fh: BinaryIO | None = None
+
+    def __enter__(self) -> ArpaWriter:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self._tmp, "wb")
+        header = "\\data\\\n" + "".join(f"ngram {k}={n}\n" for k, n in enumerate(self.counts, 1))
+        self._fh.write(header.encode())
+        return self
+
+    def section(self, k: int) -> None:
+        """Start the section of order ``k`` (orders in sequence, each after the previous is complete)."""
+        self._check_complete()
+        if k != self.order + 1:
+            raise ValueError(f"ARPA sections go in order: expected {self.order + 1}, got {k}")
+        self.order, self.written = k, 0
+        self._fh.write(f"\n\\{k}-grams:\n".encode())
+
+    def write(self, hi: np.ndarray, lo: np.ndarray, logp: np.ndarray, bow: np.ndarray | None = None) -> None:
+        """Append n-grams of the current order: packed halves, log10 p and (below the top order) log10 bow."""
+        # writable C arrays of fixed dtypes: one compiled signature whatever the source (Arrow buffers are read-only)
+        hi, lo = np.require(hi, np.uint64, "CW"), np.require(lo, np.uint64, "CW")
+        logp = np.require(logp, np.float32, "CW")
+        has_bow = self.order < len(self.counts)
+        bow = np.require(bow if bow is not None and has_bow else np.zeros(len(lo)), np.float32, "CW")
+        rows = np.linspace(0, len(lo), _SEGMENTS + 1).astype(np.int64)
+        starts = _segment_bounds(hi, lo, self.order, self.bits, self.offsets, rows)
+        if len(self.buffer) < starts[-1]:
+            self.buffer = np.empty(int(starts[-1] * 1.25), np.uint8)
+        used = _format_segments(hi, lo, self.order, self.bits, logp, bow, has_bow, self.text, self.offsets,
+                                rows, starts, self.buffer)
+        view = memoryview(self.buffer)
+        for start, n in zip(starts[:-1], used, strict=True):
+            self._fh.write(view[start:start + n])
+        self.written += len(lo)
+
+    def write_batches(self, k: int, batches: Iterable) -> None:
+        """A whole section from Arrow record batches with columns hi, lo, logp and (below the top order) bow.
+
+        The next batch is fetched on another thread while this one is formatted.
+        """
+        self.section(k)
+        batches = iter(batches)
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(next, batches, None)
+            while (batch := pending.result()) is not None:
+                pending = pool.submit(next, batches, None)
+                names = batch.schema.names
+                cols = [batch.column(name).to_numpy(zero_copy_only=False) for name in ("hi", "lo", "logp")]
+                bow = batch.column("bow").to_numpy(zero_copy_only=False) if "bow" in names else None
+                self.write(*cols, bow)
+
+    def _check_complete(self) -> None:
+        if self.order and self.written != self.counts[self.order - 1]:
+            raise ValueError(f"ARPA section {self.order}: the header says {self.counts[self.order - 1]} "
+                             f"n-grams, {self.written} were written")
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self._check_complete()
+                if self.order != len(self.counts):
+                    raise ValueError(f"ARPA file has {self.order} of {len(self.counts)} sections")
+                self._fh.write(b"\n\\end\\\n")
+            self._fh.close()
+            if exc_type is None:
+                os.replace(self._tmp, self.path)
+        finally:
+            self._fh.close()
+            self._tmp.unlink(missing_ok=True)
 
 
 def write_arpa(model: BackoffModel, path: Path) -> Path:
     """Write ``model`` (whose tables keep their n-grams) as an ARPA file."""
-    con = duckdb.connect()
-    con.register("_words", pa.table({"words": [model.vocab.words]}))
-    sections = []
-    for k, table in enumerate(model.tables, 1):
-        ids = table.ids
-        columns = {f"w{j}": ids[:, j - 1] for j in range(1, k + 1)}
-        con.register(f"_t{k}", pa.table({**columns, "logp": table.values["logp"], "bow": table.values["bow"]}))
-        line = arpa_line("logp", [f"words[w{j} + 1]" for j in range(1, k + 1)], "bow" if k < model.order else None)
-        sections.append((len(table), f"SELECT {line} FROM _t{k}, _words"))
-    try:
-        return write_sections(con, sections, path)
-    finally:
-        con.close()
-
-
+    with ArpaWriter(path, model.vocab.words, [len(t) for t in model.tables]) as out:
+        for k, table in enumerate(model.tables, 1):
+            if table.packed is None:
+                raise ValueError("this model was estimated without its n-grams (keep_ngrams=False)")
+            out.section(k)
+            out.write(*table.packed, table.values["logp"], table.values["bow"])
+    return Path(path)
 def _value(text: str) -> float:
     v = float(text)
     return -np.inf if v <= LOG_ZERO else v

@@ -44,7 +44,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from lmpipe import ngram_count, warehouse, wordtok
-from lmpipe.arpa import arpa_line, write_sections
+from lmpipe.arpa import ArpaWriter
 from lmpipe.config import NgramConfig
 from lmpipe.scoring import TextScore, make_score
 from lmpipe.stage import StageContext, StageOutput, StageResult
@@ -55,6 +55,7 @@ METHODS = ("mle", "addk", "katz", "stupid", "jm", "kn")
 NORMALISED = ("mle", "addk", "katz", "jm", "kn")
 KN_FALLBACK = (0.5, 1.0, 1.5)  # KenLM's --discount_fallback defaults
 LOG2_10 = math.log2(10)
+_ARPA_BATCH = 1 << 18  # n-grams per batch from DuckDB to the ARPA writer
 _MUL = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit constants of splitmix64
 
 
@@ -421,6 +422,7 @@ class _Estimator:
         self.c, self.order, self.method, self.q = counts, order, method, q
         self.con, self.src, self.bits = counts.con, counts.prefix, counts.bits
         self.notes: dict[str, float] = {}
+        self.views: list[str] = []
 
     def x(self, k: int) -> str:
         """The count column of order k: KN's adjusted counts below the top order, raw counts otherwise."""
@@ -438,25 +440,28 @@ class _Estimator:
         """``<q>_h<k>``: per context of order k, Σx and how many continuations have x = 1, 2, >= 3."""
         self.con.execute(
             f"""CREATE OR REPLACE TEMP TABLE {self.q}_h{k} AS
-            SELECT key >> {self.bits} AS key, sum({x})::DOUBLE AS total,
+            SELECT {ngram_count.context('key', k, self.bits)} AS key, sum({x})::DOUBLE AS total,
             count(*) FILTER ({x} = 1) AS n1, count(*) FILTER ({x} = 2) AS n2, count(*) FILTER ({x} >= 3) AS n3
             FROM {self.src}_c{k} GROUP BY 1""")
 
-    def table(self, name: str, sql: str) -> None:
-        self.con.execute(f"CREATE OR REPLACE TEMP TABLE {self.q}_{name} AS {sql}")
+    def table(self, name: str, sql: str, view: bool = False) -> None:
+        """A temporary table, or a view when its rows are read only once (the top order's probabilities,
+        which go straight to the model or the ARPA file instead of being stored first)."""
+        self.con.execute(f"CREATE OR REPLACE TEMP {'VIEW' if view else 'TABLE'} {self.q}_{name} AS {sql}")
+        if view:
+            self.views.append(f"{self.q}_{name}")
 
     def join_lower(self, k: int) -> str:
         """FROM clause pairing each k-gram ``c`` with its context stats ``h`` and lower-order probability ``lo``."""
-        suffix = f"c.key & {(1 << (self.bits * (k - 1))) - 1}"
-        return (f"FROM {self.src}_c{k} c JOIN {self.q}_h{k} h ON h.key = c.key >> {self.bits} "
-                f"JOIN {self.q}_p{k - 1} lo ON lo.key = {suffix}")
+        return (f"FROM {self.src}_c{k} c JOIN {self.q}_h{k} h ON h.key = {ngram_count.context('c.key', k, self.bits)} "
+                f"JOIN {self.q}_p{k - 1} lo ON lo.key = {ngram_count.suffix('c.key', k, self.bits)}")
 
     def fetch(self, keep_ngrams: bool) -> list[NgramTable]:
         """Each order's probabilities and back-off weights as a lookup table (log10, float32 like KenLM)."""
-        tables, kind = [], ngram_count.key_type(self.c.order, self.bits)
+        tables = []
         for k in range(1, self.order + 1):
             bow = f"LEFT JOIN {self.q}_b{k} b USING (key)" if k < self.order else ""
-            data = self.con.sql(f"SELECT {ngram_count.halves('p.key', kind)}, p.p, "
+            data = self.con.sql(f"SELECT {ngram_count.halves('p.key', k, self.bits)}, p.p, "
                                 f"{'coalesce(b.bow, 1.0)' if bow else '1.0'} AS bow FROM {self.q}_p{k} p {bow}"
                                 ).fetchnumpy()
             with np.errstate(divide="ignore"):
@@ -467,6 +472,9 @@ class _Estimator:
         return tables
 
     def drop(self) -> None:
+        for name in self.views:
+            self.con.execute(f"DROP VIEW IF EXISTS {name}")
+        self.views.clear()
         for k in range(1, self.order + 1):
             for t in ("p", "b", "h", "k"):
                 self.con.execute(f"DROP TABLE IF EXISTS {self.q}_{t}{k}")
@@ -487,7 +495,7 @@ def _kn(e: _Estimator) -> None:
         else:  # p(w|h) = (a(hw) - D(a(hw))) / Σa(h·) + γ(h) p(w|h')
             e.contexts(k, x)
             e.table(f"p{k}", f"SELECT c.key, (c.{x} - {_case(f'c.{x}', (d1, d2, d3), repr(d3))}) / h.total "
-                             f"+ {gamma} * lo.p AS p {e.join_lower(k)}")
+                             f"+ {gamma} * lo.p AS p {e.join_lower(k)}", view=k == e.order)
             e.table(f"b{k - 1}", f"SELECT h.key, {gamma} AS bow FROM {e.q}_h{k} h")
 
 
@@ -503,7 +511,7 @@ def _mle_like(e: _Estimator, bow: str, lambdas: Sequence[float] | None = None) -
             continue
         e.contexts(k, "c")
         mix = f" + {1 - lam!r} * lo.p" if lambdas else ""
-        e.table(f"p{k}", f"SELECT c.key, {lam!r} * c.c / h.total{mix} AS p {e.join_lower(k)}")
+        e.table(f"p{k}", f"SELECT c.key, {lam!r} * c.c / h.total{mix} AS p {e.join_lower(k)}", view=k == e.order)
         e.table(f"b{k - 1}", f"SELECT h.key, {repr(1 - lam) if lambdas else bow} AS bow FROM {e.q}_h{k} h")
 
 
@@ -520,13 +528,13 @@ def _katz(e: _Estimator, top: int = 5) -> None:
         e.contexts(k, "c")
         # a context whose continuations were all seen more than K times keeps no mass for unseen words;
         # there every continuation is discounted by 0.5 instead, so no test event gets probability 0
-        e.table(f"k{k}", f"SELECT key >> {e.bits} AS key, sum({_case('c', d, '1.0')} * c) AS kept "
-                         f"FROM {e.src}_c{k} GROUP BY 1")
+        e.table(f"k{k}", f"SELECT {ngram_count.context('key', k, e.bits)} AS key, "
+                         f"sum({_case('c', d, '1.0')} * c) AS kept FROM {e.src}_c{k} GROUP BY 1")
         e.table(f"p{k}", f"""SELECT c.key, CASE WHEN s.kept >= h.total * (1 - 1e-9) THEN (c.c - 0.5) / h.total
             ELSE {_case('c.c', d, '1.0')} * c.c / h.total END AS p, lo.p AS lo
             {e.join_lower(k)} JOIN {e.q}_k{k} s ON s.key = h.key""")
         # α(h) = (1 - Σ_seen p*(w|h)) / (1 - Σ_seen p(w|h')), Chen & Goodman eq. 13
-        e.table(f"b{k - 1}", f"""SELECT key >> {e.bits} AS key, CASE WHEN 1 - sum(lo) > 1e-12
+        e.table(f"b{k - 1}", f"""SELECT {ngram_count.context('key', k, e.bits)} AS key, CASE WHEN 1 - sum(lo) > 1e-12
             THEN greatest(1 - sum(p), 0) / (1 - sum(lo)) ELSE 0 END AS bow FROM {e.q}_p{k} GROUP BY 1""")
 
 
@@ -583,17 +591,13 @@ def estimate_arpa(counts: Counts, order: int, method: str, path: Path, *,
         raise ValueError(f"{method} has no direct ARPA export (add-k: addk_to_backoff; stupid back-off: none)")
     e = _build(counts, order, method, 0.4, lambdas)
     try:
-        sections = []
-        for k in range(1, order + 1):
-            # joins on the vocabulary beat indexing one big list of words (2.7x on 370k types)
-            ids = ngram_count.word_ids("p.key", k, e.bits)
-            words = " ".join(f"JOIN {counts.prefix}_vocab v{j} ON v{j}.id = {w}" for j, w in enumerate(ids, 1))
-            bow = f"LEFT JOIN {e.q}_b{k} b USING (key)" if k < order else ""
-            line = arpa_line("log10(p.p)", [f"v{j}.word" for j in range(1, k + 1)],
-                             "log10(coalesce(b.bow, 1.0))" if bow else None)
-            n = counts.con.sql(f"SELECT count(*) FROM {e.q}_p{k}").fetchall()[0][0]
-            sections.append((n, f"SELECT {line} FROM {e.q}_p{k} p {bow} {words}"))
-        write_sections(counts.con, sections, path)
+        sizes = [len(counts.vocab), *(counts.ngrams[k] for k in range(2, order + 1))]  # one line per type, per n-gram
+        with ArpaWriter(path, counts.vocab.words, sizes) as out:
+            for k in range(1, order + 1):
+                bow = (f", log10(coalesce(b.bow, 1.0))::FLOAT AS bow FROM {e.q}_p{k} p LEFT JOIN {e.q}_b{k} b "
+                       "USING (key)") if k < order else f" FROM {e.q}_p{k} p"
+                query = f"SELECT {ngram_count.halves('p.key', k, e.bits)}, log10(p.p)::FLOAT AS logp{bow}"
+                out.write_batches(k, counts.con.sql(query).to_arrow_reader(_ARPA_BATCH))
     finally:
         e.drop()
     return e.notes
@@ -601,12 +605,13 @@ def estimate_arpa(counts: Counts, order: int, method: str, path: Path, *,
 
 def _addk(counts: Counts, order: int, k: float) -> AddKModel:
     ngrams, contexts = [], []
-    bits, kind = counts.bits, ngram_count.key_type(counts.order, counts.bits)
+    bits = counts.bits
     for j in range(1, order + 1):
         src = f"{counts.prefix}_c{j}"
-        d = counts.con.sql(f"SELECT {ngram_count.halves('key', kind)}, c::DOUBLE AS c FROM {src}").fetchnumpy()
+        d = counts.con.sql(f"SELECT {ngram_count.halves('key', j, bits)}, c::DOUBLE AS c FROM {src}").fetchnumpy()
         ngrams.append(NgramTable.build(np.asarray(d["hi"]), np.asarray(d["lo"]), j, bits, False, c=np.asarray(d["c"])))
-        h = counts.con.sql(f"SELECT {ngram_count.halves('key', kind)}, total FROM (SELECT key >> {bits} AS key, "
+        h = counts.con.sql(f"SELECT {ngram_count.halves('key', j - 1, bits)}, total FROM (SELECT "
+                           f"{ngram_count.context('key', j, bits)} AS key, "
                            f"sum(c)::DOUBLE AS total FROM {src} GROUP BY 1)").fetchnumpy()
         contexts.append(NgramTable.build(np.asarray(h["hi"]), np.asarray(h["lo"]), j - 1, bits, False,
                                          total=np.asarray(h["total"])))

@@ -3,9 +3,9 @@ continuation counts, all in SQL so that DuckDB can spill to disk on corpora larg
 
 Tables, all named ``<prefix>_...`` so that runs with other configs never collide:
 
-- ``<prefix>_tok(sid, toks)``: each document's token list (dropped by the stage once counted).
+- ``<prefix>_tok(toks)``: each document's token list (dropped by the stage once counted).
 - ``<prefix>_vocab(id, word, count)``: the vocabulary (ids as in :class:`lmpipe.wordtok.Vocabulary`).
-- ``<prefix>_sents(sid, ids)``: each sentence as ``[<s>, w_1, ..., w_n, </s>]`` ids (``<unk>`` = 0).
+- ``<prefix>_sents(ids)``: each sentence as ``[<s>, w_1, ..., w_n, </s>]`` ids (``<unk>`` = 0).
 - ``<prefix>_g<k>(key, c, n_left)``: every k-gram ending at a predicted position, grouped; ``key`` packs
   its word ids (:func:`count_ngrams`, :func:`unpack`). ``c`` is its raw count; ``n_left`` the number of
   distinct words seen before it (N1+(• w1..wk), Kneser-Ney's continuation count). A row whose first
@@ -28,19 +28,15 @@ from lmpipe.wordtok import BOS_ID, EOS_ID, UNK_ID, Vocabulary, create_macro
 
 
 def load_texts(con: duckdb.DuckDBPyConnection, prefix: str, source_sql: str, lowercase: bool) -> str:
-    """Tokenize the ``text`` column of ``source_sql`` into ``<prefix>_tok(sid, toks)``; returns the table."""
+    """Tokenize the ``text`` column of ``source_sql`` into ``<prefix>_tok(toks)``; returns the table."""
     macro = create_macro(con, lowercase, name=f"{prefix}_tokens")
-    con.execute(
-        f"CREATE OR REPLACE TABLE {prefix}_tok AS "
-        f"SELECT row_number() OVER () AS sid, {macro}(text) AS toks FROM ({source_sql})"
-    )
+    con.execute(f"CREATE OR REPLACE TABLE {prefix}_tok AS SELECT {macro}(text) AS toks FROM ({source_sql})")
     return f"{prefix}_tok"
 
 
 def load_sentences(con: duckdb.DuckDBPyConnection, prefix: str, sentences: list[list[str]]) -> str:
-    """Put already tokenized sentences into ``<prefix>_tok(sid, toks)``; returns the table."""
-    table = pa.table({"sid": pa.array(range(1, len(sentences) + 1), pa.int64()),
-                      "toks": pa.array(sentences, pa.list_(pa.string()))})
+    """Put already tokenized sentences into ``<prefix>_tok(toks)``; returns the table."""
+    table = pa.table({"toks": pa.array(sentences, pa.list_(pa.string()))})
     con.register("_sentences", table)
     con.execute(f"CREATE OR REPLACE TABLE {prefix}_tok AS SELECT * FROM _sentences")
     con.unregister("_sentences")
@@ -65,13 +61,15 @@ def store_vocabulary(con: duckdb.DuckDBPyConnection, prefix: str, vocab: Vocabul
 
 
 def encode_sentences(con: duckdb.DuckDBPyConnection, prefix: str, tok_table: str, name: str = "sents") -> str:
-    """Map tokens to ids (unknown words to ``<unk>``) and add ``<s>``/``</s>``: ``<prefix>_<name>(sid, ids)``."""
+    """Map tokens to ids (unknown words to ``<unk>``) and add ``<s>``/``</s>``: ``<prefix>_<name>(ids)``.
+
+    Rows are told apart by the token table's ``rowid`` (no numbering pass over the corpus)."""
     con.execute(
         f"""CREATE OR REPLACE TABLE {prefix}_{name} AS
-        SELECT t.sid, list_concat([{BOS_ID}], coalesce(e.ids, []::INTEGER[]), [{EOS_ID}]) AS ids
-        FROM {tok_table} t LEFT JOIN (
+        SELECT list_concat([{BOS_ID}], coalesce(e.ids, []::INTEGER[]), [{EOS_ID}]) AS ids
+        FROM (SELECT rowid AS sid FROM {tok_table}) t LEFT JOIN (
             SELECT sid, list(coalesce(v.id, {UNK_ID}) ORDER BY pos) AS ids
-            FROM (SELECT sid, unnest(toks) AS word, generate_subscripts(toks, 1) AS pos FROM {tok_table}) u
+            FROM (SELECT rowid AS sid, unnest(toks) AS word, generate_subscripts(toks, 1) AS pos FROM {tok_table}) u
             LEFT JOIN {prefix}_vocab v USING (word)
             GROUP BY sid
         ) e USING (sid)"""
@@ -91,11 +89,21 @@ def key_type(order: int, bits: int) -> str:
     return "BIGINT" if order * bits <= 62 else "HUGEINT"
 
 
-def halves(key: str, kind: str) -> str:
-    """SQL columns ``hi, lo``: the 64-bit halves of a packed key of SQL type ``kind`` (see :func:`key_type`)."""
-    if kind == "BIGINT":
+def halves(key: str, k: int, bits: int) -> str:
+    """SQL columns ``hi, lo``: the 64-bit halves of the packed k-gram ``key`` (of SQL type :func:`key_type`)."""
+    if key_type(k, bits) == "BIGINT":
         return f"0::UBIGINT AS hi, ({key})::UBIGINT AS lo"
     return f"(({key}) >> 64)::UBIGINT AS hi, (({key}) & {(1 << 64) - 1})::UBIGINT AS lo"
+
+
+def suffix(key: str, k: int, bits: int) -> str:
+    """SQL: the (k-1)-gram after the first word of the packed k-gram ``key``, in its own (narrowest) key type."""
+    return f"({key} & {(1 << (bits * (k - 1))) - 1})::{key_type(k - 1, bits)}"
+
+
+def context(key: str, k: int, bits: int) -> str:
+    """SQL: the (k-1)-gram before the last word of the packed k-gram ``key``, in its own (narrowest) key type."""
+    return f"({key} >> {bits})::{key_type(k - 1, bits)}"
 
 
 def word_ids(key: str, k: int, bits: int) -> list[str]:
@@ -114,7 +122,8 @@ def count_ngrams(con: duckdb.DuckDBPyConnection, prefix: str, order: int, bits: 
     """Count orders 1..``order`` of ``<prefix>_sents``; returns the number of distinct n-grams per order.
 
     An n-gram is one integer, its words' ``id + 1`` packed ``bits`` apart (w1 highest), so grouping and
-    joining compare one column; a zero top digit marks a window reaching before ``<s>``.
+    joining compare one column; a zero top digit marks a window reaching before ``<s>``. Each order uses
+    the narrowest integer type that holds it (:func:`key_type`): 64-bit keys group and join faster.
     """
     sents = sents or f"{prefix}_sents"
     kt = key_type(order, bits)
@@ -132,7 +141,7 @@ def count_ngrams(con: duckdb.DuckDBPyConnection, prefix: str, order: int, bits: 
     for k in range(order - 1, 0, -1):  # a k-gram is the low k digits of a (k+1)-gram; its top digit the left word
         con.execute(
             f"""CREATE OR REPLACE TABLE {prefix}_g{k} AS
-            SELECT key & {(1 << (bits * k)) - 1} AS key, sum(c)::BIGINT AS c,
+            SELECT {suffix('key', k + 1, bits)} AS key, sum(c)::BIGINT AS c,
                    count(*) FILTER (key >> {bits * k} <> 0)::BIGINT AS n_left
             FROM {prefix}_g{k + 1} GROUP BY 1"""
         )

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from lmpipe import ngram
-from lmpipe.arpa import read_arpa, write_arpa
+from lmpipe.arpa import ArpaWriter, read_arpa, write_arpa
+from lmpipe.ngram_count import key_bits
 
 CORPUS = [s.split() for s in ["a b c", "a b b", "b c a", "c a b c", "a a", "b"]]
 CONTEXTS = [[], ["<s>"], ["a"], ["<s>", "a"], ["a", "b"], ["c", "c"], ["zzz", "b"], ["b", "zzz"]]
@@ -64,3 +65,48 @@ def test_hand_written_arpa_scores_by_hand(tmp_path):
     assert model.logprob("a", ["a"]) == pytest.approx(-0.2 - 0.5)
     assert model.logprob("b", ["a"]) == pytest.approx(-0.2 - 2)  # unknown word: bow(a) p(<unk>)
     assert model.sentence_logprob(["a"]) == pytest.approx(-0.1 - 0.2)
+
+
+def _write_unigrams(path, logp, bow, words=None):
+    words = words or [f"w{i}" for i in range(len(logp))]
+    hi, lo = ngram.pack(np.arange(len(words))[:, None], key_bits(len(words)))
+    with ArpaWriter(path, words, [len(words), 0]) as out:
+        out.section(1)
+        out.write(hi, lo, logp, bow)
+        out.section(2)
+    return [line.split("\t") for line in path.read_text(encoding="utf-8").split("\\1-grams:\n")[1]
+            .split("\n\n")[0].splitlines()]
+
+
+def test_numbers_are_shortest_float32_round_trips(tmp_path):
+    rng = np.random.default_rng(0)
+    values = np.concatenate([
+        -rng.exponential(2.0, 5000), rng.normal(0, 1e-3, 2000), -10.0 ** rng.uniform(-9, 1.9, 2000),
+        [0.0, -0.5, -2.0, 1.25, -98.75, -1e-7, 3e-6]]).astype(np.float32)
+    lines = _write_unigrams(tmp_path / "n.arpa", values, values[::-1].copy())
+    written = np.array([float(p) for p, _, _ in lines], np.float32)
+    np.testing.assert_array_equal(written, values)
+    np.testing.assert_array_equal(np.array([float(b) for _, _, b in lines], np.float32), values[::-1])
+    by_value = {float(v): p for v, (p, _, _) in zip(values[-7:], lines[-7:], strict=True)}
+    assert by_value == {0.0: "0", -0.5: "-0.5", -2.0: "-2", 1.25: "1.25", -98.75: "-98.75",
+                        float(np.float32(-1e-7)): "-0.0000001", float(np.float32(3e-6)): "0.000003"}
+    assert max(len(p.lstrip("-").replace(".", "").lstrip("0")) for p, _, _ in lines) <= 9  # at most 9 digits
+
+
+def test_log_zero_and_long_words(tmp_path):
+    words = ["x" * 5000, "短", "<unk>"]
+    lines = _write_unigrams(tmp_path / "z.arpa", np.array([-np.inf, -150.0, -1.5], np.float32),
+                            np.zeros(3, np.float32), words)
+    assert [(p, w) for p, w, _ in lines] == [("-99", words[0]), ("-99", "短"), ("-1.5", "<unk>")]
+
+
+def test_failed_write_leaves_no_file(tmp_path):
+    path = tmp_path / "m.arpa"
+    path.write_text("old model\n")
+    hi, lo = ngram.pack(np.arange(3)[:, None], 2)
+    with pytest.raises(ValueError, match="header says 4 n-grams, 3 were written"), \
+            ArpaWriter(path, ["a", "b", "c"], [4]) as out:
+        out.section(1)
+        out.write(hi, lo, np.zeros(3, np.float32))
+    assert path.read_text() == "old model\n"
+    assert list(tmp_path.iterdir()) == [path]

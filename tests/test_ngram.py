@@ -229,3 +229,34 @@ def test_bits_per_byte_charges_oov_spelling():
     assert s.perplexity_unk == pytest.approx(2 ** (unk_bits / 4))
     assert s.nll_bits == pytest.approx(unk_bits + spell_bits)
     assert s.bits_per_byte == pytest.approx((unk_bits + spell_bits) / (len("我 吃 abx".encode()) + 1))
+
+
+@pytest.mark.parametrize("method", ["kn", "katz", "addk"])
+def test_large_vocabulary_keys_past_64_bits(tmp_path, method):
+    """With 70k types an id takes 17 bits, so 4- and 5-grams need 128-bit keys while lower orders keep
+    64-bit ones; estimation, lookup and ARPA export must agree across both key widths."""
+    corpus = _random_corpus(seed=7, n=80)
+    seen = sorted({w for s in corpus for w in s})
+    vocab = wordtok.Vocabulary([*wordtok.SPECIALS, *seen, *(f"filler{i}" for i in range(70_000))])
+    counts = ngram.count(corpus, 5, vocab=vocab)
+    assert ngram.ngram_count.key_type(4, counts.bits) == "HUGEINT" == ngram.ngram_count.key_type(5, counts.bits)
+    assert ngram.ngram_count.key_type(3, counts.bits) == "BIGINT"
+    model = ngram.estimate(counts, 5, method)
+    probe = [["<s>", "a", "b", "c"], ["a", "b", "c", "d"], ["h", "a", "zzz", "b"], ["c", "c", "c", "c"]]
+    if method == "kn":
+        ref = _reference_kn(corpus, 5, vocab.n_predictable)
+        for ctx in probe:
+            for w in [*seen, "</s>", "filler9"]:
+                want = ref(w, [t if t in vocab else "<unk>" for t in ctx])
+                assert model.prob(w, ctx) == pytest.approx(want, rel=1e-6), (ctx, w)
+    if method != "addk":
+        from lmpipe.arpa import read_arpa
+
+        ngram.estimate_arpa(counts, 5, method, tmp_path / "big.arpa")
+        loaded = read_arpa(tmp_path / "big.arpa")
+        for ctx in probe:
+            for w in [*seen, "</s>", "filler9"]:
+                assert loaded.logprob(w, ctx) == pytest.approx(model.logprob(w, ctx), abs=1e-5), (ctx, w)
+    for ctx in probe[:2]:
+        assert sum(model.next_word_distribution(ctx).values()) == pytest.approx(1.0, abs=1e-4)
+    counts.con.close()
