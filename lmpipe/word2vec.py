@@ -331,7 +331,8 @@ def _train_chunks(ids, starts, chunk_bounds, keep, syn0, syn1, syn1neg, codes, p
             for p in range(starts[s], starts[s + 1]):
                 w = ids[p]
                 state = _rand(state)
-                if keep[w] < 1.0 and keep[w] < ((state & np.uint64(0xFFFF)) / 65536.0):
+                # the high bits: an LCG's low 16 bits (word2vec.c's choice) cycle with period 2^16
+                if keep[w] < 1.0 and keep[w] < ((state >> np.uint64(40)) / 16777216.0):
                     continue  # subsampled away
                 buf[m] = w
                 m += 1
