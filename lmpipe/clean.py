@@ -16,10 +16,13 @@ import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import pyarrow as pa
+
+if TYPE_CHECKING:
+    from lmpipe.sources import LineBlock
 
 _LINE_BREAKS = "\x85\u2028\u2029"  # NEL, LINE SEPARATOR, PARAGRAPH SEPARATOR: become "\n" so words stay apart
 _SPACES = "\t\x0b\x0c\u00a0\u1680\u202f\u205f\u3000" + "".join(map(chr, range(0x2000, 0x200B)))
@@ -243,6 +246,18 @@ def text_hash(normalized: str) -> str:
 def dedup_keys(hashes: Sequence[str]) -> np.ndarray:
     """The first 64 bits of each hex md5 as unsigned integers: cheap to send between processes and to look up."""
     return np.frombuffer(bytes.fromhex("".join([h[:16] for h in hashes])), dtype=">u8").astype(np.uint64)
+
+
+def clean_block(block: LineBlock, min_chars: int, max_chars: int) -> tuple[int, tuple[pa.Table, np.ndarray, Counter]]:
+    """Decode, split and clean a block of raw lines: (documents read, :func:`clean_chunk`'s result)."""
+    lines, texts = block.lines()
+    return len(texts), clean_chunk(lines, texts, None, min_chars, max_chars)
+
+
+def clean_texts(lines: list[int], texts: list[str], min_chars: int, max_chars: int
+                ) -> tuple[int, tuple[pa.Table, np.ndarray, Counter]]:
+    """(documents read, :func:`clean_chunk`'s result) for texts already read."""
+    return len(texts), clean_chunk(lines, texts, None, min_chars, max_chars)
 
 
 def clean_chunk(

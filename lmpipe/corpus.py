@@ -29,12 +29,22 @@ from typing import Any
 import duckdb
 import numpy as np
 import pyarrow as pa
+from tqdm._monitor import TMonitor
 from tqdm.auto import tqdm
 
 from lmpipe import minhash, plots, warehouse
-from lmpipe.clean import clean_chunk, normalize_many, text_hash
+from lmpipe.clean import clean_block, clean_chunk, clean_texts, normalize_many, text_hash
 from lmpipe.config import IngestConfig, PipelineConfig
-from lmpipe.sources import IngestError, Source, read_batches, resolve_sources, source_digest
+from lmpipe.sources import (
+    IngestError,
+    LineBlock,
+    Source,
+    line_blocks,
+    read_batches,
+    reads_line_blocks,
+    resolve_sources,
+    source_digest,
+)
 from lmpipe.stage import Logger, NullLogger, StageContext, StageOutput, StageResult
 from lmpipe.stdlib_docs import DocObject, harvest, python_fingerprint
 from lmpipe.workspace import Workspace
@@ -177,24 +187,36 @@ def _main_reloadable() -> bool:
     return getattr(main, "__spec__", None) is not None or path is None or os.path.isfile(path)
 
 
+def _no_other_threads() -> bool:
+    """Whether this thread is the only Python thread, not counting tqdm's monitor.
+
+    tqdm starts its monitor with the first bar, even a disabled one; it only ever holds tqdm's own lock,
+    which the cleaning workers never take, so a fork beside it is safe.
+    """
+    me = threading.current_thread()
+    return all(t is me or isinstance(t, TMonitor) for t in threading.enumerate())
+
+
 @contextlib.contextmanager
 def _cleaning_pool(workers: int) -> Iterator[Any]:
     """Worker processes for cleaning (None for one).
 
-    Forked directly when this process runs no other Python thread (``lmpipe ingest``, scripts): the fastest
-    start. Otherwise (a Prefect task, with its API, logging and event threads) they come from a fork server:
-    a child forked from a threaded process can inherit a lock some thread held at that moment and wait on
-    it forever. The fork server is a fresh single-threaded interpreter that has imported the cleaning code
-    once. Either way the pool starts before DuckDB opens, so no worker inherits a live database.
+    Forked directly when this process runs no other Python thread (``lmpipe ingest``, scripts; see
+    :func:`_no_other_threads`): the fastest start. Otherwise (a Prefect task, with its API, logging and
+    event threads) they come from a fork server: a child forked from a threaded process can inherit a lock
+    some thread held at that moment and wait on it forever. The fork server is a fresh single-threaded
+    interpreter that has imported the cleaning code once. Either way the pool starts before DuckDB opens,
+    so no worker inherits a live database.
     """
     if workers < 2:
         yield None
         return
-    if threading.active_count() == 1:
+    if _no_other_threads():
         ctx = multiprocessing.get_context("fork")
     elif _main_reloadable():
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["__main__", "lmpipe.clean"])  # children then skip re-running __main__
+        # imported once in the server, so children skip re-running __main__ and re-importing the readers
+        ctx.set_forkserver_preload(["__main__", "lmpipe.clean", "lmpipe.sources"])
     else:
         yield None
         return
@@ -206,25 +228,30 @@ def _cleaning_pool(workers: int) -> Iterator[Any]:
         pool.join()
 
 
-def _cleaned(chunks: Iterable[tuple[list[int], list[str]]], cfg: IngestConfig, pool: Any, workers: int,
+def _cleaned(chunks: Iterable[tuple[list[int], list[str]] | LineBlock], cfg: IngestConfig, pool: Any, workers: int,
              objects: list[str | None] | None = None) -> Iterator[tuple[int, tuple[pa.Table, list[str], Counter]]]:
-    """(documents read, cleaned chunk) in source order; reading overlaps cleaning, 2 jobs per worker in flight."""
+    """(documents read, cleaned chunk) in source order; reading overlaps cleaning, 2 jobs per worker in flight.
+
+    A chunk is (line numbers, texts), or a :class:`LineBlock` of raw lines that the worker decodes and splits.
+    """
     if pool is None:
         done = 0
-        for lines, texts in chunks:
+        for chunk in chunks:
+            lines, texts = chunk.lines() if isinstance(chunk, LineBlock) else chunk
             part = None if objects is None else objects[done:done + len(texts)]
             yield len(texts), clean_chunk(lines, texts, part, cfg.min_chars, cfg.max_chars)
             done += len(texts)
         return
     pending: deque = deque()
-    for lines, texts in chunks:
-        pending.append((len(texts), pool.apply_async(clean_chunk, (lines, texts, None, cfg.min_chars, cfg.max_chars))))
+    for chunk in chunks:
+        if isinstance(chunk, LineBlock):
+            pending.append(pool.apply_async(clean_block, (chunk, cfg.min_chars, cfg.max_chars)))
+        else:
+            pending.append(pool.apply_async(clean_texts, (*chunk, cfg.min_chars, cfg.max_chars)))
         while len(pending) > 2 * workers:
-            n, job = pending.popleft()
-            yield n, job.get()
+            yield pending.popleft().get()
     while pending:
-        n, job = pending.popleft()
-        yield n, job.get()
+        yield pending.popleft().get()
 
 
 def prepare(chunks: Iterable[tuple[list[int], list[str]]], prep: Prepared, cfg: IngestConfig,
@@ -467,7 +494,8 @@ def _stream_source(ws: Workspace, src: Source, cfg: IngestConfig, digest: tuple[
     """
     t0 = time.perf_counter()
     prep = Prepared(src.uri, digest[0], digest[1], src.format)
-    chunks = read_batches(src, unit=cfg.unit, text_field=cfg.text_field, batch_size=CHUNK_DOCS)
+    blocks = reads_line_blocks(src, cfg.unit)  # workers decode and split lines; this process finds line ends
+    chunks = line_blocks(src) if blocks else read_batches(src, cfg.unit, cfg.text_field, batch_size=CHUNK_DOCS)
     n_workers = _workers(workers, digest[1] // 100 if not src.remote else None)
     with _cleaning_pool(n_workers) as pool, warehouse.connect(ws) as con:
         con.begin()
@@ -483,6 +511,8 @@ def _stream_source(ws: Workspace, src: Source, cfg: IngestConfig, digest: tuple[
                         buffered = []
                 if buffered:
                     next_id += inserter.put(pa.concat_tables(buffered), next_id)
+            if blocks and prep.read == 0:
+                raise IngestError(src.uri, None, "empty file: no documents")
             kept = next_id - first_id
             dropped = _finish_source(con, source_id, prep, kept)
             con.commit()

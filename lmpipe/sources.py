@@ -219,6 +219,11 @@ def read_documents(source: Source, unit: str = "line", text_field: str = "text")
     return _require_documents(source, documents)
 
 
+def reads_line_blocks(source: Source, unit: str) -> bool:
+    """Whether ``source`` is read as :func:`line_blocks` (local text, one document per line)."""
+    return source.format == "text" and unit == "line" and not source.remote
+
+
 def read_batches(
     source: Source, unit: str = "line", text_field: str = "text", batch_size: int = 20_000
 ) -> Iterator[tuple[list[int], list[str]]]:
@@ -227,9 +232,7 @@ def read_batches(
     Local line-per-document text, the common case for large corpora, is split a whole block at a time
     instead of one generator step per line, which is several times faster.
     """
-    if source.format == "text" and unit == "line" and not source.remote:
-        if _local_size(source.uri) == 0:
-            raise IngestError(source.uri, None, "empty file")
+    if reads_line_blocks(source, unit):
         empty = True
         for numbers, texts in _local_line_batches(source):
             empty = empty and not texts
@@ -249,18 +252,42 @@ def read_batches(
         yield numbers, texts
 
 
-def _local_line_batches(source: Source) -> Iterator[tuple[list[int], list[str]]]:
+@dataclass(frozen=True)
+class LineBlock:
+    """Whole lines of a local text file as raw bytes: cheap to hand to another process, which decodes and
+    splits them (:meth:`lines`) where they are cleaned, so the reading process only finds line ends."""
+
+    uri: str
+    first_line: int  # 1-based number of the block's first line
+    offset: int  # byte offset of the block in the (decompressed) file
+    data: bytes
+
+    def lines(self) -> tuple[list[int], list[str]]:
+        """(line numbers, texts) of the non-blank lines; invalid UTF-8 raises IngestError naming the line."""
+        first = self.first_line
+        lines = _split_lines(_decode(self.data, self.uri, first, self.offset), first == 1)
+        if "" not in lines and not any(map(str.isspace, lines)):  # the common case, at C speed
+            return list(range(first, first + len(lines))), lines
+        keep = [i for i, line in enumerate(lines) if line and not line.isspace()]
+        return [first + i for i in keep], [lines[i] for i in keep]
+
+
+def line_blocks(source: Source) -> Iterator[LineBlock]:
+    """The blocks of a local line-per-document text source (plain or compressed), in file order."""
+    if _local_size(source.uri) == 0:
+        raise IngestError(source.uri, None, "empty file")
     try:
         raw = open(source.uri, "rb")  # noqa: SIM115 - closed by the with statement below
     except OSError as error:
         raise IngestError(source.uri, None, f"cannot open: {error.strerror}") from error
     with raw, _decompressed(raw, source.compression) as stream:
-        for first, lines in _iter_lines(stream, source.uri):
-            if "" not in lines and not any(map(str.isspace, lines)):  # the common case, at C speed
-                yield list(range(first, first + len(lines))), lines
-                continue
-            keep = [i for i, line in enumerate(lines) if line and not line.isspace()]
-            yield [first + i for i in keep], [lines[i] for i in keep]
+        for first, offset, data in _iter_blocks(stream, source.uri):
+            yield LineBlock(source.uri, first, offset, data)
+
+
+def _local_line_batches(source: Source) -> Iterator[tuple[list[int], list[str]]]:
+    for block in line_blocks(source):
+        yield block.lines()
 
 
 def read_records(source: Source, parse: Callable[[dict, int], T], what: str) -> list[T]:
@@ -384,20 +411,27 @@ def _decode(data: bytes, path: str, first_line: int, offset: int) -> str:
         raise IngestError(path, line, reason) from None
 
 
-def _iter_lines(stream: BinaryIO, path: str) -> Iterator[tuple[int, list[str]]]:
-    """Yield (number of the first line, lines) per block; each block ends at a newline so no line is cut."""
+def _iter_blocks(stream: BinaryIO, path: str) -> Iterator[tuple[int, int, bytes]]:
+    """Yield (number of the first line, byte offset, bytes) per block; each block ends at a newline (or the
+    end of the file), so no line is cut. "\n" never occurs inside a UTF-8 multi-byte sequence."""
     line, offset, pending = 1, 0, []
     while chunk := _read_block(stream, path, _BLOCK_BYTES):
-        cut = chunk.rfind(b"\n") + 1  # "\n" never occurs inside a UTF-8 multi-byte sequence
+        cut = chunk.rfind(b"\n") + 1
         if not cut:
             pending.append(chunk)  # a line longer than a block: join once its end arrives
             continue
         block = b"".join([*pending, chunk[:cut]])
         pending = [chunk[cut:]]
-        yield line, _split_lines(_decode(block, path, line, offset), line == 1)
+        yield line, offset, block
         line, offset = line + block.count(b"\n"), offset + len(block)
     if tail := b"".join(pending):
-        yield line, _split_lines(_decode(tail, path, line, offset), line == 1)
+        yield line, offset, tail
+
+
+def _iter_lines(stream: BinaryIO, path: str) -> Iterator[tuple[int, list[str]]]:
+    """Yield (number of the first line, lines) per block."""
+    for line, offset, block in _iter_blocks(stream, path):
+        yield line, _split_lines(_decode(block, path, line, offset), line == 1)
 
 
 def _split_lines(text: str, at_start: bool) -> list[str]:

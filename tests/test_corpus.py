@@ -251,3 +251,13 @@ def test_streamed_ingestion_matches_and_a_late_bad_line_rolls_back_every_chunk(w
     assert (_docs(workspace), _drops(workspace)) == before
     with warehouse.connect(workspace, read_only=True) as con:
         assert con.sql("SELECT count(*) FROM sources").fetchall()[0][0] == 1
+
+
+def test_streamed_source_of_blank_lines_is_an_error_and_writes_nothing(workspace, tmp_path):
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n   \n\t\n\n", encoding="utf-8")
+    with pytest.raises(IngestError, match=r"blank\.txt: empty file: no documents"):
+        _ingest(workspace, blank)
+    with warehouse.connect(workspace, read_only=True) as con:
+        assert con.sql("SELECT count(*) FROM sources").fetchall()[0][0] == 0
+        assert con.sql("SELECT count(*) FROM documents").fetchall()[0][0] == 0
