@@ -187,7 +187,7 @@ class ArpaWriter:
         bow = np.require(bow if bow is not None and has_bow else np.zeros(len(lo)), np.float32, "CW")
         rows = np.linspace(0, len(lo), _SEGMENTS + 1).astype(np.int64)
         starts = _segment_bounds(hi, lo, self.order, self.bits, self.offsets, rows)
-        if len(self.buffer) < starts[-1]:
+        if len(self.buffer) < starts[-1]:  # grown with headroom, then reused by the following batches
             self.buffer = np.empty(int(starts[-1] * 1.25), np.uint8)
         used = _format_segments(hi, lo, self.order, self.bits, logp, bow, has_bow, self.text, self.offsets,
                                 rows, starts, self.buffer)
@@ -224,12 +224,11 @@ class ArpaWriter:
                 if self.order != len(self.counts):
                     raise ValueError(f"ARPA file has {self.order} of {len(self.counts)} sections")
                 self._fh.write(b"\n\\end\\\n")
-            self._fh.close()
-            if exc_type is None:
+                self._fh.close()
                 os.replace(self._tmp, self.path)
         finally:
-            self._fh.close()
-            self._tmp.unlink(missing_ok=True)
+            self._fh.close()  # a no-op once closed
+            self._tmp.unlink(missing_ok=True)  # left only after a failure
 
 
 def write_arpa(model: BackoffModel, path: Path) -> Path:
