@@ -78,6 +78,7 @@ def cpu_bench(threads: int = 2) -> dict[str, float]:
             "update_tokens_per_s": batch.idx.numel() / t_upd, "sequence_length": batch.idx.size(1)}
 
 
+@torch.no_grad()
 def max_logit_error(model: GPT, rows: list[list[int]], steps: int = 8) -> float:
     """Largest |static - eager| next-token logit over a few greedy steps, relative to the logits' scale."""
     full = torch.tensor(rows, device=model.wte.weight.device)

@@ -32,10 +32,33 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--variant", choices=("sg-ns", "sg-hs", "cbow-ns", "cbow-hs"), default="sg-ns")
     p.add_argument("--batch-pairs", type=int, nargs="+", default=[1 << 18, 1 << 20, 1 << 22])
+    p.add_argument("--row-caps", type=int, nargs="+", default=[32], help="gpu_row_cap values (each with every batch)")
     p.add_argument("--max-lines", type=int, default=0)
     p.add_argument("--no-cpu", action="store_true", help="skip the CPU-engine row")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes that tokenize the corpus")
     p.add_argument("--json", type=Path, default=Path("word2vec_gpu_bench.json"))
     return p.parse_args()
+
+
+def _tokenize_lines(lines: list[str]) -> list[list[str]]:
+    from lmpipe import wordtok
+
+    return [wordtok.tokenize(line, lowercase=True) for line in lines]
+
+
+def tokenized(path: Path, max_lines: int, workers: int):
+    """The sentences of ``read_sentences``, tokenized in order by ``workers`` processes."""
+    if workers <= 1:
+        yield from read_sentences(path, max_lines)
+        return
+    import multiprocessing
+
+    with open(path, encoding="utf-8") as fh:
+        lines = [line for i, line in enumerate(fh) if (not max_lines or i < max_lines) and line.strip()]
+    chunks = (lines[i : i + 20_000] for i in range(0, len(lines), 20_000))
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        for sentences in pool.imap(_tokenize_lines, chunks):
+            yield from sentences
 
 
 def run(settings, vocab, corpus, eval_dir: Path | None) -> dict:
@@ -56,8 +79,9 @@ def run(settings, vocab, corpus, eval_dir: Path | None) -> dict:
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
     n_words = int(corpus[1][-1])
-    row = {"device": settings.device, "batch_pairs": settings.batch_pairs, "seconds": wall,
-           "words_per_s": n_words * settings.epochs / wall, "epoch_loss": [h["loss"] for h in model.history]}
+    row = {"device": settings.device, "batch_pairs": settings.batch_pairs, "row_cap": settings.gpu_row_cap,
+           "seconds": wall, "words_per_s": n_words * settings.epochs / wall,
+           "epoch_loss": [h["loss"] for h in model.history]}
     if cuda:
         row["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return row | evaluate(WordVectors(model.words, model.syn0), eval_dir)
@@ -75,16 +99,17 @@ def main() -> int:
         print("no CUDA device: this benchmark needs a GPU (benchmarks/word2vec_bench.py measures the CPU engine)")
         return 1
     t0 = time.perf_counter()
-    vocab, corpus = word2vec.prepare(read_sentences(args.file, args.max_lines), 5)
+    vocab, corpus = word2vec.prepare(tokenized(args.file, args.max_lines, args.workers), 5)
     print(f"tokenized {int(corpus[1][-1]):,} words, {len(vocab[0]):,} types in {time.perf_counter() - t0:.0f}s")
     base = word2vec.Word2VecSettings(sg=args.variant.startswith("sg"), hs=args.variant.endswith("hs"),
                                      epochs=args.epochs, device="cuda", report_words=5_000_000)
     word2vec.train([["a", "b", "c"]] * 50, dataclasses.replace(base, min_count=1, epochs=1))  # warm-up
     rows = []
     for bp in args.batch_pairs:
-        print(f"GPU, {bp:,} examples per step", flush=True)
-        rows.append(run(dataclasses.replace(base, batch_pairs=bp), vocab, corpus, args.eval_dir))
-        print(json.dumps(rows[-1]), flush=True)
+        for cap in args.row_caps:
+            print(f"GPU, {bp:,} examples per step, row cap {cap}", flush=True)
+            rows.append(run(dataclasses.replace(base, batch_pairs=bp, gpu_row_cap=cap), vocab, corpus, args.eval_dir))
+            print(json.dumps(rows[-1]), flush=True)
     if not args.no_cpu:
         threads = os.cpu_count() or 1
         print(f"CPU engine, {threads} threads", flush=True)

@@ -163,7 +163,12 @@ class EmbeddingsConfig:
     w2v_alpha: float = knob(0.0, "word2vec initial learning rate (0: word2vec.c's 0.025 skip-gram, 0.05 CBOW).")
     w2v_threads: int = knob(0, "CPU threads of the word2vec kernels (0: all cores).")
     w2v_device: Literal["auto", "cpu", "cuda"] = knob("auto", "word2vec device; auto picks CUDA when available.")
-    w2v_batch_pairs: int = knob(1 << 20, "Training examples per step on the GPU path.")
+    w2v_batch_pairs: int = knob(
+        1 << 15, "Training examples per step on the GPU path (larger is faster but trains worse vectors)."
+    )
+    w2v_gpu_row_cap: int = knob(
+        64, "GPU path: a vector that more examples of one step update moves by at most this many examples' worth."
+    )
     probe_words: tuple[str, ...] = knob(
         ("return", "file", "list", "string", "error"), "Words whose nearest neighbours are logged each epoch."
     )
@@ -190,8 +195,9 @@ class EmbeddingsConfig:
             raise ConfigError("embeddings: lm_lr > 0, 0 <= lm_dropout < 1, w2v_alpha >= 0 and w2v_sample >= 0")
         if min(self.lm_patience, self.lm_max_tokens, self.w2v_negative, self.w2v_threads, self.threads) < 0:
             raise ConfigError("embeddings: lm_patience, lm_max_tokens, w2v_negative and threads must be >= 0")
-        if self.w2v_min_count < 1 or self.w2v_epochs < 1 or self.w2v_batch_pairs < 1 or self.neighbours < 1:
-            raise ConfigError("embeddings: w2v_min_count, w2v_epochs, w2v_batch_pairs and neighbours must be >= 1")
+        if min(self.w2v_min_count, self.w2v_epochs, self.w2v_batch_pairs, self.w2v_gpu_row_cap, self.neighbours) < 1:
+            raise ConfigError("embeddings: w2v_min_count, w2v_epochs, w2v_batch_pairs, w2v_gpu_row_cap and neighbours "
+                              "must be >= 1")
         if any(v.endswith("-ns") for v in self.w2v_variants) and self.w2v_negative < 1:
             raise ConfigError("embeddings.w2v_negative must be >= 1 for a negative-sampling variant")
 
@@ -255,6 +261,9 @@ class PretrainConfig:
         "auto", "Autocast precision; auto is bf16 on GPUs with it, else float32."
     )
     compile: bool = knob(False, "Compile the model with torch.compile.")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = knob(
+        "default", "torch.compile mode when compile is on."
+    )
     seed: int = knob(1337, "Seed of initialisation, data order and sampling.")
     deterministic: bool = knob(True, "Ask PyTorch for deterministic kernels (exact resume on CPU).")
     threads: int = knob(0, "CPU threads for PyTorch (0: leave PyTorch's default).")

@@ -56,6 +56,7 @@ class TrainSettings:
     device: str = "auto"
     dtype: str = "auto"
     compile: bool = False
+    compile_mode: str = "default"  # torch.compile's mode: default, max-autotune-no-cudagraphs, max-autotune, ...
     seed: int = 1337
     deterministic: bool = False
     peak_tflops: float = 0.0
@@ -238,7 +239,7 @@ class Trainer:
         self.raw_model = model.to(self.device)
         self.optimizer = configure_optimizer(model, s, self.device)
         self.dtype = autocast_dtype(self.device, s.dtype)
-        wrapped: nn.Module = torch.compile(model) if s.compile else model
+        wrapped: nn.Module = torch.compile(model, mode=s.compile_mode) if s.compile else model
         if self.dist.world_size > 1:
             ids = [self.dist.local_rank] if self.device.type == "cuda" else None
             wrapped = DistributedDataParallel(wrapped, device_ids=ids)

@@ -13,8 +13,8 @@
 
 Two engines train the same model: numba kernels on the CPU, where threads update the shared matrices
 without locks over chunks of sentences (Hogwild, Recht et al. 2011) as word2vec.c and gensim do, and
-PyTorch on a GPU with large batches of examples. The loss is reported through a callback during
-training and per epoch.
+PyTorch on a GPU with batches of examples whose updates are summed, each row's capped (see
+``_gpu_step``). The loss is reported through a callback during training and per epoch.
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ class Word2VecSettings:
     threads: int = 0  # 0: all cores
     device: str = "cpu"  # "cpu" or a torch device such as "cuda"
     engine: str = "auto"  # "numba" (CPU), "torch" (any device); auto: numba on "cpu", torch elsewhere
-    batch_pairs: int = 1 << 20  # GPU examples per step
+    batch_pairs: int = 1 << 15  # GPU examples per step
+    gpu_row_cap: int = 64  # GPU: a row touched more often in one step moves by this many examples' worth at most
     report_words: int = 1_000_000  # call the progress callback about every this many words
 
     @property
@@ -430,7 +431,7 @@ def hs_loss(v_in: torch.Tensor, u_nodes: torch.Tensor, codes: torch.Tensor, mask
 
 def _gpu_batches(ids: torch.Tensor, sent: torch.Tensor, keep: torch.Tensor, window: int, gen: torch.Generator,
                  batch: int):
-    """Yield (centre positions, context matrix (B, 2W) with -1 padding) of subsampled tokens, shuffled."""
+    """Yield (centre ids, context matrix (B, 2W) with -1 padding, kept tokens) of subsampled tokens, shuffled."""
     kept = torch.rand(ids.shape[0], device=ids.device, generator=gen) < keep[ids]
     tok, snt = ids[kept], sent[kept]
     n = tok.shape[0]
@@ -443,49 +444,66 @@ def _gpu_batches(ids: torch.Tensor, sent: torch.Tensor, keep: torch.Tensor, wind
         ok = (ctx >= 0) & (ctx < n) & (offsets.abs()[None, :] <= window - b)
         ctx = ctx.clamp(0, n - 1)
         ok &= snt[ctx] == snt[pos][:, None]
-        yield tok[pos], torch.where(ok, tok[ctx], torch.full_like(ctx, -1)), int(kept.sum())
+        yield tok[pos], torch.where(ok, tok[ctx], torch.full_like(ctx, -1)), n
+
+
+def _row_scale(rows: torch.Tensor, weight: torch.Tensor, n_rows: int, cap: float) -> torch.Tensor:
+    """Per entry of ``rows``: min(1, cap / uses of its row in the step), uses counted with ``weight`` (0 or 1)."""
+    uses = torch.zeros(n_rows, device=rows.device, dtype=weight.dtype).index_add_(0, rows, weight)
+    return (cap / uses.clamp(min=cap))[rows]
 
 
 def _gpu_step(model_t: dict[str, torch.Tensor], centre: torch.Tensor, ctx: torch.Tensor, s: Word2VecSettings,
-              alpha: float, gen: torch.Generator) -> tuple[float, int]:
-    """One batched SGD step (summed per-example gradients, as Hogwild applies them); returns (loss sum, examples)."""
+              alpha: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batched SGD step; returns (loss sum, examples) as device tensors, so the host never waits.
+
+    Every example's update is word2vec.c's: g = α·(label − σ(u·h)) on each output row u, g·h added to u,
+    Σ g·u added to the input side. Shapes stay fixed (absent context slots weigh 0) so no step syncs. The
+    updates of one step are computed from the same weights and summed, as Hogwild threads would apply
+    them; a row that many examples of the step touch (a frequent word in a large batch) would get the
+    sum of hundreds of stale updates and diverge, so a row touched more than ``gpu_row_cap`` times moves
+    by at most ``gpu_row_cap`` examples' worth (its summed update scaled by cap / uses).
+    """
     syn0, syn1 = model_t["syn0"], model_t["syn1"]
-    if s.sg:  # every (context → centre) pair is an example
-        valid = ctx >= 0
-        src = ctx[valid]
-        tgt = centre[:, None].expand_as(ctx)[valid]
-        scale = None
+    valid = ctx >= 0  # (B, 2W)
+    ctx0 = ctx.clamp(min=0)
+    cap = float(s.gpu_row_cap)
+    if s.sg:  # every (context -> centre) slot is an example; absent slots weigh 0
+        src, w = ctx0.reshape(-1), valid.reshape(-1).to(syn0.dtype)
+        tgt = centre[:, None].expand_as(ctx).reshape(-1)
+        h = syn0[src]  # (N, D)
     else:
-        valid = ctx >= 0
         cw = valid.sum(1)
-        keep_rows = cw > 0
-        ctx, valid, cw, tgt = ctx[keep_rows], valid[keep_rows], cw[keep_rows], centre[keep_rows]
-        scale = (1.0 / cw.float())[:, None] if s.cbow_mean else torch.ones(len(cw), 1, device=ctx.device)
-        src = None
-    if (src if src is not None else tgt).numel() == 0:
-        return 0.0, 0
-    h = syn0[src] if s.sg else (syn0[ctx.clamp(min=0)] * valid[..., None]).sum(1) * scale  # (B, D)
-    h = h.detach().requires_grad_(True)
+        w = (cw > 0).to(syn0.dtype)
+        scale = 1.0 / cw.clamp(min=1).to(syn0.dtype) if s.cbow_mean else torch.ones_like(w)
+        h = (syn0[ctx0] * valid[..., None]).sum(1) * scale[:, None]  # (B, D)
+        tgt = centre
     if s.hs:
-        nodes = model_t["points"][tgt].long()
-        u = syn1[nodes].detach().requires_grad_(True)
-        loss = hs_loss(h, u, model_t["codes"][tgt].to(h.dtype), model_t["pmask"][tgt].to(h.dtype))
+        nodes = model_t["points"][tgt].long()  # (N, L)
+        labels = 1 - model_t["codes"][tgt].to(h.dtype)
+        mask = model_t["pmask"][tgt].to(h.dtype) * w[:, None]
     else:
         table = model_t["table"]
-        neg = table[torch.randint(0, table.shape[0], (len(tgt), s.negative), device=h.device, generator=gen)].long()
-        nodes = torch.cat([tgt[:, None], neg], 1)  # (B, 1 + K)
-        u = syn1[nodes].detach().requires_grad_(True)
-        loss = ns_loss(h, u[:, 0], u[:, 1:], (neg != tgt[:, None]).to(h.dtype))
-    total = loss.sum()
-    total.backward()
-    with torch.no_grad():
-        syn1.index_add_(0, nodes.reshape(-1), -alpha * u.grad.reshape(-1, u.shape[-1]))
-        if s.sg:
-            syn0.index_add_(0, src, -alpha * h.grad)
-        else:
-            g = (-alpha * h.grad * scale)[:, None, :].expand(-1, ctx.shape[1], -1)[valid]
-            syn0.index_add_(0, ctx[valid], g)
-    return float(total.detach()), len(tgt)
+        neg = table[torch.randint(0, table.shape[0], (tgt.shape[0], s.negative), device=h.device, generator=gen)]
+        nodes = torch.cat([tgt[:, None], neg.long()], 1)  # (N, 1 + K)
+        labels = torch.zeros(nodes.shape, dtype=h.dtype, device=h.device)
+        labels[:, 0] = 1
+        mask = torch.cat([w[:, None], (neg != tgt[:, None]).to(h.dtype) * w[:, None]], 1)
+    u = syn1[nodes]  # (N, L, D)
+    f = torch.einsum("nd,nld->nl", h, u)
+    loss = -(torch.nn.functional.logsigmoid(torch.where(labels > 0, f, -f)) * mask).sum()
+    g = (labels - torch.sigmoid(f)) * mask * alpha  # (N, L)
+    dh = torch.einsum("nl,nld->nd", g, u)
+    flat = nodes.reshape(-1)
+    du = (g * _row_scale(flat, mask.reshape(-1), syn1.shape[0], cap).view_as(g))[..., None] * h[:, None, :]
+    syn1.index_add_(0, flat, du.reshape(-1, h.shape[1]))
+    if s.sg:
+        syn0.index_add_(0, src, dh * _row_scale(src, w, syn0.shape[0], cap)[:, None])
+    else:
+        rows, slot_w = ctx0.reshape(-1), (valid.to(h.dtype) * w[:, None]).reshape(-1)
+        per_slot = (dh * scale[:, None])[:, None, :].expand(-1, ctx.shape[1], -1).reshape(-1, h.shape[1])
+        syn0.index_add_(0, rows, per_slot * (slot_w * _row_scale(rows, slot_w, syn0.shape[0], cap))[:, None])
+    return loss, w.sum()
 
 
 def _train_gpu(model: Word2VecModel, ids: np.ndarray, starts: np.ndarray, tables: tuple, progress: Progress | None,
@@ -507,17 +525,23 @@ def _train_gpu(model: Word2VecModel, ids: np.ndarray, starts: np.ndarray, tables
     centres = max(1, s.batch_pairs // (s.window if s.sg else 1))  # centres per step
     t0 = time.perf_counter()
     for epoch in range(s.epochs):
-        sums, t_epoch, seen = np.zeros(3), time.perf_counter(), 0
+        sums, t_epoch, seen = torch.zeros(3, dtype=torch.float64, device=dev), time.perf_counter(), 0
         for centre, ctx, kept in _gpu_batches(ids_t, sent_t, keep_t, s.window, gen, centres):
             done = epoch * n_words + int(seen / max(kept, 1) * n_words)
             alpha = max(s.start_alpha * (1 - (1 - s.min_alpha_ratio) * done / total), s.start_alpha * s.min_alpha_ratio)
             loss, ex = _gpu_step(t, centre, ctx, s, alpha, gen)
             seen += len(centre)
-            sums += (loss, ex, len(centre))
+            sums[0] += loss
+            sums[1] += ex
             if progress is not None and (seen // centres) % max(1, s.report_words // centres) == 0:
-                progress(_report(epoch, sums, epoch * n_words + int(seen / max(kept, 1) * n_words), total, t0, s))
-        record = _report(epoch, sums, (epoch + 1) * n_words, total, t0, s)
+                progress(_report(epoch, sums.cpu().numpy(), epoch * n_words + int(seen / max(kept, 1) * n_words),
+                                 total, t0, s))
+        record = _report(epoch, sums.cpu().numpy(), (epoch + 1) * n_words, total, t0, s)
         record["epoch_seconds"] = time.perf_counter() - t_epoch
+        if not math.isfinite(record["loss"]):
+            raise FloatingPointError(
+                f"word2vec on {s.device}: training diverged in epoch {epoch + 1} (loss {record['loss']}); lower "
+                f"batch_pairs ({s.batch_pairs}) or gpu_row_cap ({s.gpu_row_cap})")
         model.history.append(record)
         if epoch_done is not None:
             model.syn0[:], model.syn1[:] = t["syn0"].cpu().numpy(), t["syn1"].cpu().numpy()

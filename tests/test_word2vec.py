@@ -177,6 +177,71 @@ def test_torch_engine_on_cpu_learns_the_same_structure():
         assert _topic_hits(model, topics) >= 0.9
 
 
+def _gpu_step_case(sg, hs, cap):
+    """One batched step of the torch engine on the CPU: 3 centres, a window of 2, word 5 the only noise word."""
+    gen = torch.Generator().manual_seed(0)
+    V, D = 6, 4
+    syn0 = torch.randn(V, D, generator=gen, dtype=torch.float64) * 0.5
+    syn1 = torch.randn(V - 1 if hs else V, D, generator=gen, dtype=torch.float64) * 0.5
+    codes, points, lengths = w2v.huffman_tree([9, 7, 5, 4, 3, 2])
+    t = {"syn0": syn0.clone(), "syn1": syn1.clone(), "table": torch.full((8,), 5, dtype=torch.int32),
+         "codes": torch.from_numpy(codes.astype(np.int64)), "points": torch.from_numpy(points),
+         "pmask": torch.arange(codes.shape[1])[None, :] < torch.from_numpy(lengths)[:, None]}
+    centre = torch.tensor([0, 1, 2])
+    ctx = torch.tensor([[-1, 3, 4, 1], [0, 2, -1, 4], [3, 3, 4, -1]])  # -1: absent slot
+    s = w2v.Word2VecSettings(sg=sg, hs=hs, dim=D, window=2, negative=2, gpu_row_cap=cap)
+    loss, examples = w2v._gpu_step(t, centre, ctx, s, 0.1, gen)
+    return syn0, syn1, t, centre, ctx, (codes, points, lengths), loss, examples
+
+
+@pytest.mark.parametrize("sg", [True, False])
+@pytest.mark.parametrize("hs", [False, True])
+def test_gpu_step_update_is_minus_alpha_times_the_gradient(sg, hs):
+    syn0, syn1, t, centre, ctx, (codes, points, lengths), loss, examples = _gpu_step_case(sg, hs, cap=10**9)
+    a0, a1 = syn0.clone().requires_grad_(True), syn1.clone().requires_grad_(True)
+    valid = ctx >= 0
+    if sg:  # one example per present (context, centre) slot
+        src, tgt = ctx[valid], centre[:, None].expand_as(ctx)[valid]
+        h = a0[src]
+    else:  # one example per centre: the mean of its present context vectors
+        tgt = centre
+        h = torch.stack([a0[row[row >= 0]].mean(0) for row in ctx])
+    if hs:
+        pts, cds = torch.from_numpy(points).long()[tgt], torch.from_numpy(codes).double()[tgt]
+        mask = (torch.arange(codes.shape[1])[None, :] < torch.from_numpy(lengths)[tgt][:, None]).double()
+        ref = w2v.hs_loss(h, a1[pts], cds, mask).sum()
+    else:
+        neg = torch.full((len(tgt), 2), 5)
+        ref = w2v.ns_loss(h, a1[tgt], a1[neg], (neg != tgt[:, None]).double()).sum()
+    ref.backward()
+    assert float(loss) == pytest.approx(float(ref.detach()), rel=1e-9)
+    assert float(examples) == (valid.sum() if sg else 3)
+    torch.testing.assert_close((t["syn0"] - syn0) / -0.1, a0.grad, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close((t["syn1"] - syn1) / -0.1, a1.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_gpu_row_cap_scales_a_busy_rows_update():
+    free = _gpu_step_case(True, False, cap=10**9)
+    capped = _gpu_step_case(True, False, cap=2)
+    syn0, syn1 = free[0], free[1]
+    d_free0, d_cap0 = free[2]["syn0"] - syn0, capped[2]["syn0"] - syn0
+    d_free1, d_cap1 = free[2]["syn1"] - syn1, capped[2]["syn1"] - syn1
+    # context rows 3 and 4 are used 3 times each (cap 2: scaled by 2/3); rows 0, 1, 2 once (unscaled)
+    torch.testing.assert_close(d_cap0[3:5], d_free0[3:5] * 2 / 3)
+    torch.testing.assert_close(d_cap0[:3], d_free0[:3])
+    # each centre is the target of its 3 present slots (2/3); noise word 5: 2 draws x 9 examples, scaled by 2/18
+    torch.testing.assert_close(d_cap1[:3], d_free1[:3] * 2 / 3)
+    torch.testing.assert_close(d_cap1[5], d_free1[5] * 2 / 18)
+
+
+def test_gpu_path_divergence_is_an_error_not_nan_vectors():
+    _, sentences = _topic_corpus(600)
+    s = w2v.Word2VecSettings(dim=12, window=3, epochs=4, min_count=1, sample=0.0, seed=3, engine="torch",
+                             batch_pairs=4096, gpu_row_cap=10**9, alpha=0.5)
+    with pytest.raises(FloatingPointError, match=r"diverged.*batch_pairs \(4096\)"):
+        w2v.train(sentences, s)
+
+
 def test_vocabulary_and_encoding():
     words, counts = w2v.build_vocab({"b": 3, "a": 3, "c": 1, "d": 5}, min_count=2)
     assert words == ["d", "a", "b"] and counts.tolist() == [5, 3, 3]
