@@ -410,7 +410,8 @@ def _report(epoch: int, sums: np.ndarray, done: int, total: int, t0: float, s: W
 
 
 # ----------------------------------------------------------------------------------------------
-# the GPU engine: PyTorch, large batches (the same losses, written as tensor functions)
+# the GPU engine: PyTorch, batches of examples. The losses as tensor functions define what the
+# step's hand-written update must equal (tests check it against their autograd gradient).
 
 
 def ns_loss(v_in: torch.Tensor, u_out: torch.Tensor, u_neg: torch.Tensor, neg_mask: torch.Tensor | None = None
