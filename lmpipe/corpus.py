@@ -229,7 +229,7 @@ def _cleaning_pool(workers: int) -> Iterator[Any]:
 
 
 def _cleaned(chunks: Iterable[tuple[list[int], list[str]] | LineBlock], cfg: IngestConfig, pool: Any, workers: int,
-             objects: list[str | None] | None = None) -> Iterator[tuple[int, tuple[pa.Table, list[str], Counter]]]:
+             objects: list[str | None] | None = None) -> Iterator[tuple[int, tuple[pa.Table, np.ndarray, Counter]]]:
     """(documents read, cleaned chunk) in source order; reading overlaps cleaning, 2 jobs per worker in flight.
 
     A chunk is (line numbers, texts), or a :class:`LineBlock` of raw lines that the worker decodes and splits.
