@@ -13,8 +13,9 @@ DuckDB to disk in bounded memory. The file appears complete or not at all (tempo
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -60,7 +61,14 @@ def _put_number(out: np.ndarray, pos: int, v: float) -> int:
     if a < 1e-14:
         out[pos] = 48
         return pos + 1
-    e10 = int(np.floor(np.log10(a)))
+    if a >= 1.0:  # the decimal exponent by comparisons (cheaper than a logarithm)
+        e10 = 0
+        while e10 < 22 and a >= _F10[e10 + 1]:
+            e10 += 1
+    else:
+        e10 = -1
+        while e10 > -14 and a * _F10[-e10] < 1.0:
+            e10 -= 1
     m, s = 0, 0
     for p in range(6, 10):
         s = min(p - 1 - e10, 18)
@@ -71,18 +79,37 @@ def _put_number(out: np.ndarray, pos: int, v: float) -> int:
     if v < 0:
         out[pos] = 45
         pos += 1
-    if s <= 0:
+    if s <= 0:  # an integer (|v| >= 1e5)
         return _put_uint(out, pos, m * _I10[-s], 1)
-    scale = _I10[s]
-    frac = m % scale
-    while s > 0 and frac % 10 == 0:  # drop trailing zeros of the fraction
-        frac //= 10
-        s -= 1
-    pos = _put_uint(out, pos, m // scale, 1)
-    if s > 0:
-        out[pos] = 46
-        pos = _put_uint(out, pos + 1, frac, s)
-    return pos
+    # m / 10^s with s > 0: the digits of m written from the last, a point s digits from the end
+    n = 1
+    while n < 18 and m >= _I10[n]:
+        n += 1
+    if n > s:
+        point = pos + n - s
+        end = pos + n + 1
+    else:  # 0.000ddd
+        out[pos] = 48
+        point = pos + 1
+        for j in range(pos + 2, pos + 2 + s - n):
+            out[j] = 48
+        end = pos + 2 + s
+    out[point] = 46
+    j = end - 1
+    while j > point:
+        out[j] = 48 + m % 10
+        m //= 10
+        j -= 1
+    j = point - 1
+    while j >= pos and (m > 0 or j == point - 1):
+        out[j] = 48 + m % 10
+        m //= 10
+        j -= 1
+    while out[end - 1] == 48:  # drop the fraction's trailing zeros, and the point if nothing is left
+        end -= 1
+    if end - 1 == point:
+        end -= 1
+    return end
 
 
 @njit(inline="always")
@@ -98,22 +125,22 @@ def _word_id(hi: np.ndarray, lo: np.ndarray, i: int, j: int, k: int, bits: int) 
     return np.int64(digit & np.uint64((1 << bits) - 1)) - 1
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, parallel=True, nogil=True)
 def _segment_bounds(hi: np.ndarray, lo: np.ndarray, k: int, bits: int, offsets: np.ndarray,
                     rows: np.ndarray) -> np.ndarray:
     """Byte offsets where each row segment ``rows[s]..rows[s+1]`` may start writing (an upper bound of its lines)."""
-    starts = np.zeros(len(rows), np.int64)
-    for s in range(len(rows) - 1):
-        need = (2 * _MAX_NUMBER + k + 2) * (rows[s + 1] - rows[s])
+    need = np.zeros(len(rows), np.int64)
+    for s in prange(len(rows) - 1):
+        n = (2 * _MAX_NUMBER + k + 2) * (rows[s + 1] - rows[s])
         for i in range(rows[s], rows[s + 1]):
             for j in range(k):
                 w = _word_id(hi, lo, i, j, k, bits)
-                need += offsets[w + 1] - offsets[w]
-        starts[s + 1] = starts[s] + need
-    return starts
+                n += offsets[w + 1] - offsets[w]
+        need[s + 1] = n
+    return np.cumsum(need)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def _format_segments(hi: np.ndarray, lo: np.ndarray, k: int, bits: int, logp: np.ndarray, bow: np.ndarray,
                      has_bow: bool, text: np.ndarray, offsets: np.ndarray, rows: np.ndarray,
                      starts: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -130,9 +157,10 @@ def _format_segments(hi: np.ndarray, lo: np.ndarray, k: int, bits: int, logp: np
                     out[pos] = 32
                     pos += 1
                 w = _word_id(hi, lo, i, j, k, bits)
-                n = offsets[w + 1] - offsets[w]
-                out[pos:pos + n] = text[offsets[w]:offsets[w + 1]]
-                pos += n
+                start, stop = offsets[w], offsets[w + 1]
+                for b in range(start, stop):
+                    out[pos + b - start] = text[b]
+                pos += stop - start
             if has_bow:
                 out[pos] = 9
                 pos = _put_number(out, pos + 1, bow[i])
@@ -157,7 +185,12 @@ class ArpaWriter:
         self.offsets = np.zeros(len(encoded) + 1, np.int64)
         np.cumsum([len(b) for b in encoded], out=self.offsets[1:])
         self.bits = key_bits(len(words))
-        self.buffer = np.empty(0, np.uint8)
+        # two text buffers: one is formatted while the other is being written out by the I/O thread
+        self._buffers = [np.empty(0, np.uint8), np.empty(0, np.uint8)]
+        self._in_flight: list[Future | None] = [None, None]
+        self._turn = 0
+        self._writes: deque[Future] = deque()
+        self._io: ThreadPoolExecutor | None = None
         self.order = 0
         self.written = 0
         self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
@@ -166,9 +199,18 @@ class ArpaWriter:
     def __enter__(self) -> ArpaWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fh = open(self._tmp, "wb")
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="arpa-write")
         header = "\\data\\\n" + "".join(f"ngram {k}={n}\n" for k, n in enumerate(self.counts, 1))
-        self._fh.write(header.encode())
+        self._emit(header.encode())
         return self
+
+    def _emit(self, *chunks: bytes | memoryview) -> Future:
+        """Queue ``chunks`` for the I/O thread (writes keep their order); re-raise a write that failed."""
+        future = self._io.submit(_write_all, self._fh, chunks)
+        self._writes.append(future)
+        while self._writes and self._writes[0].done():
+            self._writes.popleft().result()
+        return future
 
     def section(self, k: int) -> None:
         """Start the section of order ``k`` (orders in sequence, each after the previous is complete)."""
@@ -176,7 +218,7 @@ class ArpaWriter:
         if k != self.order + 1:
             raise ValueError(f"ARPA sections go in order: expected {self.order + 1}, got {k}")
         self.order, self.written = k, 0
-        self._fh.write(f"\n\\{k}-grams:\n".encode())
+        self._emit(f"\n\\{k}-grams:\n".encode())
 
     def write(self, hi: np.ndarray, lo: np.ndarray, logp: np.ndarray, bow: np.ndarray | None = None) -> None:
         """Append n-grams of the current order: packed halves, log10 p and (below the top order) log10 bow."""
@@ -187,13 +229,17 @@ class ArpaWriter:
         bow = np.require(bow if bow is not None and has_bow else np.zeros(len(lo)), np.float32, "CW")
         rows = np.linspace(0, len(lo), _SEGMENTS + 1).astype(np.int64)
         starts = _segment_bounds(hi, lo, self.order, self.bits, self.offsets, rows)
-        if len(self.buffer) < starts[-1]:  # grown with headroom, then reused by the following batches
-            self.buffer = np.empty(int(starts[-1] * 1.25), np.uint8)
+        turn, self._turn = self._turn, 1 - self._turn
+        if self._in_flight[turn] is not None:  # the buffer is free once its previous text is written
+            self._in_flight[turn].result()
+        if len(self._buffers[turn]) < starts[-1]:  # grown with headroom, then reused by the following batches
+            self._buffers[turn] = np.empty(int(starts[-1] * 1.25), np.uint8)
+        buffer = self._buffers[turn]
         used = _format_segments(hi, lo, self.order, self.bits, logp, bow, has_bow, self.text, self.offsets,
-                                rows, starts, self.buffer)
-        view = memoryview(self.buffer)
-        for start, n in zip(starts[:-1], used, strict=True):
-            self._fh.write(view[start:start + n])
+                                rows, starts, buffer)
+        view = memoryview(buffer)
+        self._in_flight[turn] = self._emit(*(view[start:start + n] for start, n in zip(starts[:-1], used,
+                                                                                        strict=True)))
         self.written += len(lo)
 
     def write_batches(self, k: int, batches: Iterable) -> None:
@@ -223,12 +269,28 @@ class ArpaWriter:
                 self._check_complete()
                 if self.order != len(self.counts):
                     raise ValueError(f"ARPA file has {self.order} of {len(self.counts)} sections")
-                self._fh.write(b"\n\\end\\\n")
+                self._emit(b"\n\\end\\\n")
+                self._drain()
                 self._fh.close()
                 os.replace(self._tmp, self.path)
         finally:
+            self._drain(raise_errors=False)
             self._fh.close()  # a no-op once closed
             self._tmp.unlink(missing_ok=True)  # left only after a failure
+
+    def _drain(self, raise_errors: bool = True) -> None:
+        """Wait for every queued write; re-raise the first that failed unless ``raise_errors`` is off."""
+        self._io.shutdown(wait=True)
+        while self._writes:
+            error = self._writes.popleft().exception()
+            if error is not None and raise_errors:
+                self._writes.clear()
+                raise error
+
+
+def _write_all(fh: BinaryIO, chunks: Sequence[bytes | memoryview]) -> None:
+    for chunk in chunks:
+        fh.write(chunk)
 
 
 def write_arpa(model: BackoffModel, path: Path) -> Path:

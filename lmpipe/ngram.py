@@ -443,12 +443,14 @@ class _Estimator:
         return (f"(SELECT * FROM ({u}) u, (SELECT sum(x) AS total, count(*) FILTER (x = 1) AS n1, "
                 f"count(*) FILTER (x = 2) AS n2, count(*) FILTER (x >= 3) AS n3 FROM ({u})) t)")
 
-    def contexts(self, k: int, x: str) -> None:
-        """``<q>_h<k>``: per context of order k, Σx and how many continuations have x = 1, 2, >= 3."""
+    def contexts(self, k: int, x: str, **columns: str) -> None:
+        """``<q>_h<k>``: per context of order k, Σx as ``total`` and any further ``columns`` (name: aggregate SQL)
+        over its continuations ``c`` in the same pass. The rows are the back-off weights' keys, so the lean
+        table also serves as the next order's join side (fewer and narrower columns: less memory, less spill)."""
+        extra = "".join(f", {sql} AS {name}" for name, sql in columns.items())
         self.con.execute(
             f"""CREATE OR REPLACE TEMP TABLE {self.q}_h{k} AS
-            SELECT {ngram_count.context('key', k, self.bits)} AS key, sum({x})::DOUBLE AS total,
-            count(*) FILTER ({x} = 1) AS n1, count(*) FILTER ({x} = 2) AS n2, count(*) FILTER ({x} >= 3) AS n3
+            SELECT {ngram_count.context('key', k, self.bits)} AS key, sum({x})::DOUBLE AS total{extra}
             FROM {self.src}_c{k} GROUP BY 1""")
 
     def table(self, name: str, sql: str, view: bool = False) -> None:
@@ -483,7 +485,7 @@ class _Estimator:
             self.con.execute(f"DROP VIEW IF EXISTS {name}")
         self.views.clear()
         for k in range(1, self.order + 1):
-            for t in ("p", "b", "h", "k"):
+            for t in ("p", "b", "h"):
                 self.con.execute(f"DROP TABLE IF EXISTS {self.q}_{t}{k}")
 
 
@@ -494,16 +496,17 @@ def _kn(e: _Estimator) -> None:
         (d1, d2, d3), fell_back = kn_discounts(_count_of_counts(e.c, k, x, 4))
         e.notes.update({f"kn_d1_order{k}": d1, f"kn_d2_order{k}": d2, f"kn_d3_order{k}": d3,
                         f"kn_fallback_order{k}": float(fell_back)})
-        gamma = f"({d1!r} * h.n1 + {d2!r} * h.n2 + {d3!r} * h.n3) / h.total"
         if k == 1:  # p(w) = (a - D(a)) / Σa + γ / V, γ = (D1 n1 + D2 n2 + D3 n3) / Σa
+            gamma = f"({d1!r} * n1 + {d2!r} * n2 + {d3!r} * n3) / total"
             e.table("p1", f"""SELECT key, CASE WHEN key = {BOS_ID + 1} THEN 0
                 ELSE greatest(x - CASE WHEN x = 0 THEN 0 ELSE {_case('x', (d1, d2, d3), repr(d3))} END, 0) / total
-                  + {gamma.replace('h.', '')} / {v} END AS p FROM {e.unigrams()}""")
-        else:  # p(w|h) = (a(hw) - D(a(hw))) / Σa(h·) + γ(h) p(w|h')
-            e.contexts(k, x)
+                  + {gamma} / {v} END AS p FROM {e.unigrams()}""")
+        else:  # p(w|h) = (a(hw) - D(a(hw))) / Σa(h·) + γ(h) p(w|h'), γ(h) = (D1 n1(h) + D2 n2(h) + D3 n3(h)) / Σa(h·)
+            e.contexts(k, x, gamma=f"({d1!r} * count(*) FILTER ({x} = 1) + {d2!r} * count(*) FILTER ({x} = 2) "
+                                   f"+ {d3!r} * count(*) FILTER ({x} >= 3)) / sum({x})")
             e.table(f"p{k}", f"SELECT c.key, (c.{x} - {_case(f'c.{x}', (d1, d2, d3), repr(d3))}) / h.total "
-                             f"+ {gamma} * lo.p AS p {e.join_lower(k)}", view=k == e.order)
-            e.table(f"b{k - 1}", f"SELECT h.key, {gamma} AS bow FROM {e.q}_h{k} h")
+                             f"+ h.gamma * lo.p AS p {e.join_lower(k)}", view=k == e.order)
+            e.table(f"b{k - 1}", f"SELECT key, gamma AS bow FROM {e.q}_h{k}", view=True)
 
 
 def _mle_like(e: _Estimator, bow: str, lambdas: Sequence[float] | None = None) -> None:
@@ -519,7 +522,7 @@ def _mle_like(e: _Estimator, bow: str, lambdas: Sequence[float] | None = None) -
         e.contexts(k, "c")
         mix = f" + {1 - lam!r} * lo.p" if lambdas else ""
         e.table(f"p{k}", f"SELECT c.key, {lam!r} * c.c / h.total{mix} AS p {e.join_lower(k)}", view=k == e.order)
-        e.table(f"b{k - 1}", f"SELECT h.key, {repr(1 - lam) if lambdas else bow} AS bow FROM {e.q}_h{k} h")
+        e.table(f"b{k - 1}", f"SELECT key, {repr(1 - lam) if lambdas else bow} AS bow FROM {e.q}_h{k}", view=True)
 
 
 def _katz(e: _Estimator, top: int = 5) -> None:
@@ -532,14 +535,11 @@ def _katz(e: _Estimator, top: int = 5) -> None:
                 SELECT key, CASE WHEN key = {BOS_ID + 1} THEN 0
                 ELSE kept / total + (1 - (SELECT sum(kept) FROM u) / total) / {v} END AS p FROM u""")
             continue
-        e.contexts(k, "c")
         # a context whose continuations were all seen more than K times keeps no mass for unseen words;
         # there every continuation is discounted by 0.5 instead, so no test event gets probability 0
-        e.table(f"k{k}", f"SELECT {ngram_count.context('key', k, e.bits)} AS key, "
-                         f"sum({_case('c', d, '1.0')} * c) AS kept FROM {e.src}_c{k} GROUP BY 1")
-        e.table(f"p{k}", f"""SELECT c.key, CASE WHEN s.kept >= h.total * (1 - 1e-9) THEN (c.c - 0.5) / h.total
-            ELSE {_case('c.c', d, '1.0')} * c.c / h.total END AS p, lo.p AS lo
-            {e.join_lower(k)} JOIN {e.q}_k{k} s ON s.key = h.key""")
+        e.contexts(k, "c", kept=f"sum({_case('c', d, '1.0')} * c)")
+        e.table(f"p{k}", f"""SELECT c.key, CASE WHEN h.kept >= h.total * (1 - 1e-9) THEN (c.c - 0.5) / h.total
+            ELSE {_case('c.c', d, '1.0')} * c.c / h.total END AS p, lo.p AS lo {e.join_lower(k)}""")
         # α(h) = (1 - Σ_seen p*(w|h)) / (1 - Σ_seen p(w|h')), Chen & Goodman eq. 13
         e.table(f"b{k - 1}", f"""SELECT {ngram_count.context('key', k, e.bits)} AS key, CASE WHEN 1 - sum(lo) > 1e-12
             THEN greatest(1 - sum(p), 0) / (1 - sum(lo)) ELSE 0 END AS bow FROM {e.q}_p{k} GROUP BY 1""")
