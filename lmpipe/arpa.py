@@ -7,7 +7,8 @@ lines are ``log10 p<TAB>w1 ... wk[<TAB>log10 bow]`` (no back-off weight at the h
 Values are float32, as in KenLM, each written with the fewest significant digits (6 to 9) that read back
 to the same float32. The body is formatted by a compiled kernel from batches of packed n-grams (word
 ids, see :func:`lmpipe.ngram.pack`) and values, so a model with tens of millions of n-grams streams from
-DuckDB to disk in bounded memory. The file appears complete or not at all (temporary file, then rename).
+DuckDB to disk in bounded memory: an I/O thread writes one batch's text while the next batch is formatted
+into a second buffer. The file appears complete or not at all (temporary file, then rename).
 """
 
 from __future__ import annotations

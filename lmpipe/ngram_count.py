@@ -3,9 +3,10 @@ continuation counts, all in SQL so that DuckDB can spill to disk on corpora larg
 
 Tables, all named ``<prefix>_...`` so that runs with other configs never collide:
 
-- ``<prefix>_tok(toks)``: each document's token list (dropped by the stage once counted).
+- ``<prefix>_tok(toks)``: each document's token list (a temporary table: in memory, spilled without being
+  written to the database file; the stage drops it once counted).
 - ``<prefix>_vocab(id, word, count)``: the vocabulary (ids as in :class:`lmpipe.wordtok.Vocabulary`).
-- ``<prefix>_sents(ids)``: each sentence as ``[<s>, w_1, ..., w_n, </s>]`` ids (``<unk>`` = 0).
+- ``<prefix>_sents(ids)``: each sentence as ``[<s>, w_1, ..., w_n, </s>]`` ids (``<unk>`` = 0), temporary too.
 - ``<prefix>_g<k>(key, c, n_left)``: every k-gram ending at a predicted position, grouped; ``key`` packs
   its word ids (:func:`count_ngrams`, :func:`unpack`). ``c`` is its raw count; ``n_left`` the number of
   distinct words seen before it (N1+(• w1..wk), Kneser-Ney's continuation count). A row whose first
@@ -30,7 +31,7 @@ from lmpipe.wordtok import BOS_ID, EOS_ID, UNK_ID, Vocabulary, create_macro
 def load_texts(con: duckdb.DuckDBPyConnection, prefix: str, source_sql: str, lowercase: bool) -> str:
     """Tokenize the ``text`` column of ``source_sql`` into ``<prefix>_tok(toks)``; returns the table."""
     macro = create_macro(con, lowercase, name=f"{prefix}_tokens")
-    con.execute(f"CREATE OR REPLACE TABLE {prefix}_tok AS SELECT {macro}(text) AS toks FROM ({source_sql})")
+    con.execute(f"CREATE OR REPLACE TEMP TABLE {prefix}_tok AS SELECT {macro}(text) AS toks FROM ({source_sql})")
     return f"{prefix}_tok"
 
 
@@ -38,7 +39,7 @@ def load_sentences(con: duckdb.DuckDBPyConnection, prefix: str, sentences: list[
     """Put already tokenized sentences into ``<prefix>_tok(toks)``; returns the table."""
     table = pa.table({"toks": pa.array(sentences, pa.list_(pa.string()))})
     con.register("_sentences", table)
-    con.execute(f"CREATE OR REPLACE TABLE {prefix}_tok AS SELECT * FROM _sentences")
+    con.execute(f"CREATE OR REPLACE TEMP TABLE {prefix}_tok AS SELECT * FROM _sentences")
     con.unregister("_sentences")
     return f"{prefix}_tok"
 
@@ -65,7 +66,7 @@ def encode_sentences(con: duckdb.DuckDBPyConnection, prefix: str, tok_table: str
 
     Rows are told apart by the token table's ``rowid`` (no numbering pass over the corpus)."""
     con.execute(
-        f"""CREATE OR REPLACE TABLE {prefix}_{name} AS
+        f"""CREATE OR REPLACE TEMP TABLE {prefix}_{name} AS
         SELECT list_concat([{BOS_ID}], coalesce(e.ids, []::INTEGER[]), [{EOS_ID}]) AS ids
         FROM (SELECT rowid AS sid FROM {tok_table}) t LEFT JOIN (
             SELECT sid, list(coalesce(v.id, {UNK_ID}) ORDER BY pos) AS ids

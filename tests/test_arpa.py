@@ -82,6 +82,7 @@ def test_numbers_are_shortest_float32_round_trips(tmp_path):
     rng = np.random.default_rng(0)
     values = np.concatenate([
         -rng.exponential(2.0, 5000), rng.normal(0, 1e-3, 2000), -10.0 ** rng.uniform(-9, 1.9, 2000),
+        [1.5e5, 2.5e7, 99999.5, 1234567.0, 0.1, -0.001, 10.0, 100.0],  # integers, powers of ten
         [0.0, -0.5, -2.0, 1.25, -98.75, -1e-7, 3e-6]]).astype(np.float32)
     lines = _write_unigrams(tmp_path / "n.arpa", values, values[::-1].copy())
     written = np.array([float(p) for p, _, _ in lines], np.float32)
