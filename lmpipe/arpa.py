@@ -202,7 +202,11 @@ class ArpaWriter:
         self._fh = open(self._tmp, "wb")
         self._io = ThreadPoolExecutor(1, thread_name_prefix="arpa-write")
         header = "\\data\\\n" + "".join(f"ngram {k}={n}\n" for k, n in enumerate(self.counts, 1))
-        self._emit(header.encode())
+        try:
+            self._emit(header.encode())
+        except BaseException as exc:  # __exit__ is not called when __enter__ fails: clean up here
+            self.__exit__(type(exc), exc, exc.__traceback__)
+            raise
         return self
 
     def _emit(self, *chunks: bytes | memoryview) -> Future:

@@ -489,6 +489,11 @@ class _Estimator:
                 self.con.execute(f"DROP TABLE IF EXISTS {self.q}_{t}{k}")
 
 
+def _kn_gamma(d: Sequence[float], n1: str, n2: str, n3: str, total: str) -> str:
+    """SQL for KN's back-off mass γ = (D1 n1 + D2 n2 + D3 n3) / Σa from SQL for the counts and the total."""
+    return f"({d[0]!r} * {n1} + {d[1]!r} * {n2} + {d[2]!r} * {n3}) / {total}"
+
+
 def _kn(e: _Estimator) -> None:
     v = e.c.vocab.n_predictable
     for k in range(1, e.order + 1):
@@ -497,13 +502,13 @@ def _kn(e: _Estimator) -> None:
         e.notes.update({f"kn_d1_order{k}": d1, f"kn_d2_order{k}": d2, f"kn_d3_order{k}": d3,
                         f"kn_fallback_order{k}": float(fell_back)})
         if k == 1:  # p(w) = (a - D(a)) / Σa + γ / V, γ = (D1 n1 + D2 n2 + D3 n3) / Σa
-            gamma = f"({d1!r} * n1 + {d2!r} * n2 + {d3!r} * n3) / total"
+            gamma = _kn_gamma((d1, d2, d3), "n1", "n2", "n3", "total")
             e.table("p1", f"""SELECT key, CASE WHEN key = {BOS_ID + 1} THEN 0
                 ELSE greatest(x - CASE WHEN x = 0 THEN 0 ELSE {_case('x', (d1, d2, d3), repr(d3))} END, 0) / total
                   + {gamma} / {v} END AS p FROM {e.unigrams()}""")
         else:  # p(w|h) = (a(hw) - D(a(hw))) / Σa(h·) + γ(h) p(w|h'), γ(h) = (D1 n1(h) + D2 n2(h) + D3 n3(h)) / Σa(h·)
-            e.contexts(k, x, gamma=f"({d1!r} * count(*) FILTER ({x} = 1) + {d2!r} * count(*) FILTER ({x} = 2) "
-                                   f"+ {d3!r} * count(*) FILTER ({x} >= 3)) / sum({x})")
+            e.contexts(k, x, gamma=_kn_gamma((d1, d2, d3), f"count(*) FILTER ({x} = 1)", f"count(*) FILTER ({x} = 2)",
+                                             f"count(*) FILTER ({x} >= 3)", f"sum({x})"))
             e.table(f"p{k}", f"SELECT c.key, (c.{x} - {_case(f'c.{x}', (d1, d2, d3), repr(d3))}) / h.total "
                              f"+ h.gamma * lo.p AS p {e.join_lower(k)}", view=k == e.order)
             e.table(f"b{k - 1}", f"SELECT key, gamma AS bow FROM {e.q}_h{k}", view=True)

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from lmpipe import ngram
+from lmpipe import arpa, ngram
 from lmpipe.arpa import ArpaWriter, read_arpa, write_arpa
 from lmpipe.ngram_count import key_bits
 
@@ -107,6 +107,22 @@ def test_failed_write_leaves_no_file(tmp_path):
     hi, lo = ngram.pack(np.arange(3)[:, None], 2)
     with pytest.raises(ValueError, match="header says 4 n-grams, 3 were written"), \
             ArpaWriter(path, ["a", "b", "c"], [4]) as out:
+        out.section(1)
+        out.write(hi, lo, np.zeros(3, np.float32))
+    assert path.read_text() == "old model\n"
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_failed_disk_write_raises_and_leaves_no_file(tmp_path, monkeypatch):
+    path = tmp_path / "m.arpa"
+    path.write_text("old model\n")
+
+    def full_disk(fh, chunks):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(arpa, "_write_all", full_disk)
+    hi, lo = ngram.pack(np.arange(3)[:, None], 2)
+    with pytest.raises(OSError, match="No space left"), ArpaWriter(path, ["a", "b", "c"], [3]) as out:
         out.section(1)
         out.write(hi, lo, np.zeros(3, np.float32))
     assert path.read_text() == "old model\n"
