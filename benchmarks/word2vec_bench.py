@@ -3,7 +3,7 @@
 Usage::
 
     python benchmarks/word2vec_bench.py CORPUS.txt --eval-dir DIR [--variant sg-ns] [--epochs 5] [--threads 2]
-        [--device cpu] [--gensim-python /path/to/venv/bin/python] [--json out.json]
+        [--streams 0] [--device cpu] [--gensim-python /path/to/venv/bin/python] [--json out.json]
 
 Each non-empty line is one sentence, tokenized by :mod:`lmpipe.wordtok` (lower-cased). Defaults follow
 the reference setting: window 5, 5 negatives, dimension 100, min count 5, sample 1e-3, 5 epochs.
@@ -58,6 +58,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--sample", type=float, default=1e-3)
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--streams", type=int, default=0, help="CPU: corpus parts trained side by side (0: one per thread)")
     p.add_argument("--device", default="cpu", help="cpu (numba kernels) or a torch device such as cuda")
     p.add_argument("--batch-pairs", type=int, default=1 << 20, help="examples per step on the torch engine")
     p.add_argument("--max-lines", type=int, default=0, help="read only the first N lines (0: all)")
@@ -127,6 +128,7 @@ def main() -> None:
     s = word2vec.Word2VecSettings(sg=args.variant.startswith("sg"), hs=args.variant.endswith("hs"), dim=args.dim,
                                   window=args.window, negative=args.negative, sample=args.sample,
                                   min_count=args.min_count, epochs=args.epochs, threads=args.threads,
+                                  streams=args.streams,
                                   device=args.device, batch_pairs=args.batch_pairs, report_words=2_000_000)
 
     def progress(r: dict[str, float]) -> None:

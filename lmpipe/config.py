@@ -162,6 +162,10 @@ class EmbeddingsConfig:
     w2v_epochs: int = knob(5, "word2vec passes over the train split.")
     w2v_alpha: float = knob(0.0, "word2vec initial learning rate (0: word2vec.c's 0.025 skip-gram, 0.05 CBOW).")
     w2v_threads: int = knob(0, "CPU threads of the word2vec kernels (0: all cores).")
+    w2v_streams: int = knob(
+        0, "CPU word2vec: the train split is cut into this many parts, trained side by side (0: one per thread, "
+        "as word2vec.c and gensim give each thread its own part of the input)."
+    )
     w2v_device: Literal["auto", "cpu", "cuda"] = knob("auto", "word2vec device; auto picks CUDA when available.")
     w2v_batch_pairs: int = knob(
         1 << 15, "Training examples per step on the GPU path (larger is faster but trains worse vectors)."
@@ -193,8 +197,10 @@ class EmbeddingsConfig:
                               "w2v_window must be >= 1")
         if self.lm_lr <= 0 or not 0 <= self.lm_dropout < 1 or self.w2v_alpha < 0 or self.w2v_sample < 0:
             raise ConfigError("embeddings: lm_lr > 0, 0 <= lm_dropout < 1, w2v_alpha >= 0 and w2v_sample >= 0")
-        if min(self.lm_patience, self.lm_max_tokens, self.w2v_negative, self.w2v_threads, self.threads) < 0:
-            raise ConfigError("embeddings: lm_patience, lm_max_tokens, w2v_negative and threads must be >= 0")
+        if min(self.lm_patience, self.lm_max_tokens, self.w2v_negative, self.w2v_threads, self.w2v_streams,
+               self.threads) < 0:
+            raise ConfigError("embeddings: lm_patience, lm_max_tokens, w2v_negative, w2v_threads, w2v_streams and "
+                              "threads must be >= 0")
         if min(self.w2v_min_count, self.w2v_epochs, self.w2v_batch_pairs, self.w2v_gpu_row_cap, self.neighbours) < 1:
             raise ConfigError("embeddings: w2v_min_count, w2v_epochs, w2v_batch_pairs, w2v_gpu_row_cap and neighbours "
                               "must be >= 1")

@@ -166,6 +166,27 @@ def test_planted_topics_are_nearest_neighbours(variant):
     assert reports[-1]["progress"] == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_every_stream_layout_trains_each_sentence_once_per_epoch(threads):
+    _, sentences = _topic_corpus(6000)  # 48,000 words: five chunks, so three streams get unequal parts
+    expected = sum(2 * (len(sent) - 1) for sent in sentences)  # window 1 and no subsampling: two examples a word
+    vectors = {}
+    for streams in (1, 2, 3, 7):
+        s = w2v.Word2VecSettings(dim=8, window=1, epochs=2, min_count=1, sample=0.0, threads=threads,
+                                 streams=streams, seed=5, report_words=2000)
+        reports = []
+        model = w2v.train(sentences, s, progress=reports.append)
+        assert [r["examples"] for r in model.history] == [expected, expected]
+        assert [r["progress"] for r in reports] == sorted(r["progress"] for r in reports)
+        assert reports[-1]["progress"] == pytest.approx(1.0)
+        vectors[streams] = model.syn0
+    if threads == 1:  # one thread is deterministic: the same layout gives the same vectors, another does not
+        again = w2v.train(sentences, w2v.Word2VecSettings(dim=8, window=1, epochs=2, min_count=1, sample=0.0,
+                                                          threads=1, streams=2, seed=5, report_words=2000))
+        np.testing.assert_array_equal(again.syn0, vectors[2])
+        assert not np.array_equal(vectors[1], vectors[2])
+
+
 def test_torch_engine_on_cpu_learns_the_same_structure():
     topics, sentences = _topic_corpus(600)
     for sg in (True, False):
