@@ -7,7 +7,13 @@ through DuckDB under its memory limit. Then, like KenLM's ``query``, it loads th
 (lookup tables) and scores held-out text. The reference point is ``lmplz`` on the same machine (about
 590,000 tokens/s and 2.5 GB peak for a 5-gram on 18M tokens).
 
+With ``--lmplz PATH`` (a KenLM build), each size is also estimated by ``lmplz`` itself, on the same
+machine and in the same hour, from the same tokens (this tokenizer's output joined by spaces, so both
+count the same n-grams), once per ``-S`` memory setting in ``--lmplz-memory``: machines differ, and only a
+side-by-side run says whether the target (at least lmplz's tokens/s) is met.
+
     python benchmarks/ngram_bench.py ~/.cache/lmpipe-corpora/corpus_en_large.train.txt --order 5
+    python benchmarks/ngram_bench.py CORPUS --lmplz ~/kenlm/build/bin/lmplz --lmplz-memory 80%,2G
 """
 
 from __future__ import annotations
@@ -37,6 +43,40 @@ def _prefix_file(src: Path, n_bytes: int, dst: Path) -> Path:
     return dst
 
 
+def write_tokens(corpus: Path, dst: Path) -> None:
+    """``corpus`` tokenized as the n-gram stage does, one line per document, tokens joined by spaces."""
+    from lmpipe import ngram_count
+
+    con = duckdb.connect()
+    tok = ngram_count.load_texts(con, "t", _source_sql(corpus), lowercase=False)
+    con.execute(f"COPY (SELECT array_to_string(toks, ' ') FROM {tok}) TO '{dst}' "
+                "(FORMAT csv, HEADER false, QUOTE '', ESCAPE '', DELIMITER '\x01')")
+    con.close()
+
+
+def run_lmplz(lmplz: Path, tokens: Path, order: int, memory: str, workdir: Path) -> dict:
+    """KenLM's estimator on the same tokens: wall time, CPU time and the peak RSS of its process."""
+    arpa = workdir / "lmplz.arpa"
+    cmd = [str(lmplz), "-o", str(order), "-S", memory, "-T", str(workdir), "--skip_symbols",
+           "--text", str(tokens), "--arpa", str(arpa)]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    err = proc.stderr.read().decode(errors="replace")
+    proc.stderr.close()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{err[-2000:]}")
+    arpa.unlink()
+    return {"memory": memory, "total_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime,
+            "peak_rss_mb": usage.ru_maxrss / 1024}
+
+
+def _source_sql(corpus: Path) -> str:
+    return (f"SELECT column0 AS text FROM read_csv('{corpus}', header = false, delim = chr(1), quote = '', "
+            "escape = '', columns = {'column0': 'VARCHAR'})")
+
+
 def run_one(corpus: Path, order: int, memory_limit: str, heldout: Path, workdir: Path) -> dict:
     """One measurement in this process (call it in a fresh one for a meaningful peak RSS)."""
     from lmpipe import ngram, ngram_count
@@ -45,11 +85,9 @@ def run_one(corpus: Path, order: int, memory_limit: str, heldout: Path, workdir:
     con = duckdb.connect(str(workdir / "bench.duckdb"))
     con.execute(f"SET memory_limit = '{memory_limit}'; SET temp_directory = '{workdir / 'spill'}'; "
                 "SET preserve_insertion_order = false")
-    source = (f"SELECT column0 AS text FROM read_csv('{corpus}', header = false, delim = chr(1), quote = '', "
-              "escape = '', columns = {'column0': 'VARCHAR'})")
     out: dict[str, float] = {"bytes": corpus.stat().st_size}
-    t0 = time.perf_counter()
-    tok = ngram_count.load_texts(con, "b", source, lowercase=False)
+    t0, c0 = time.perf_counter(), time.process_time()
+    tok = ngram_count.load_texts(con, "b", _source_sql(corpus), lowercase=False)
     vocab = ngram_count.build_vocabulary(con, "b", tok, min_count=1)
     ngram_count.encode_sentences(con, "b", tok)
     out["tokenize_s"] = time.perf_counter() - t0
@@ -63,6 +101,7 @@ def run_one(corpus: Path, order: int, memory_limit: str, heldout: Path, workdir:
     ngram.estimate_arpa(counts, order, "kn", arpa)  # discounts, probabilities, back-off weights, ARPA file
     out["estimate_arpa_s"] = time.perf_counter() - t2
     out["total_s"] = time.perf_counter() - t0
+    out["cpu_s"] = time.process_time() - c0
     out["tokens_per_s"] = out["tokens"] / out["total_s"]
     out["peak_rss_mb"] = _peak_rss_mb()
     out["arpa_mb"] = arpa.stat().st_size / 1e6
@@ -88,6 +127,9 @@ def main() -> None:
     parser.add_argument("--memory-limit", default="1500MB", help="DuckDB memory limit (it spills beyond it)")
     parser.add_argument("--heldout", type=Path, help="text scored for throughput (default: the corpus's .valid.txt "
                         "sibling, else its last 5,000 lines)")
+    parser.add_argument("--lmplz", type=Path, help="KenLM's lmplz binary: also run it on the same tokens")
+    parser.add_argument("--lmplz-memory", default="80%", help="lmplz -S settings, comma-separated (80%% is its "
+                        "default)")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # internal: measure in this process
     args = parser.parse_args()
     if args.one:
@@ -114,6 +156,16 @@ def main() -> None:
                   f"peak {row['peak_rss_mb']:6.0f} MB | load {row['load_model_s']:.1f} s, score "
                   f"{row['score_tokens_per_s'] / 1e3:6.0f} k tok/s, peak {row['peak_rss_with_model_mb']:6.0f} MB",
                   flush=True)
+            if args.lmplz:
+                tokens = Path(tmp) / "tokens.txt"
+                write_tokens(part, tokens)
+                row["lmplz"] = [run_lmplz(args.lmplz, tokens, args.order, memory, Path(tmp))
+                                for memory in args.lmplz_memory.split(",")]
+                tokens.unlink()
+                for ref in row["lmplz"]:
+                    print(f"      lmplz -S {ref['memory']:>5} | {ref['total_s']:6.1f} s | "
+                          f"{row['tokens'] / ref['total_s'] / 1e3:6.0f} k tok/s | CPU {ref['cpu_s']:5.1f} s "
+                          f"(lmpipe {row['cpu_s']:5.1f} s) | peak {ref['peak_rss_mb']:6.0f} MB", flush=True)
     print(json.dumps({"order": args.order, "load_1min": os.getloadavg()[0], "results": results}, indent=2))
 
 
