@@ -95,6 +95,7 @@ def run_one(corpus: Path, order: int, memory_limit: str, heldout: Path, workdir:
     t1 = time.perf_counter()
     ngrams = ngram_count.count_ngrams(con, "b", order, ngram_count.key_bits(len(vocab)))
     counts = ngram.Counts(con, "b", vocab, order, ngrams)
+    con.execute(f"DROP TABLE b_sents; DROP TABLE {tok}")  # as the stage does once counted: only the counts stay
     out["count_s"] = time.perf_counter() - t1
     t2 = time.perf_counter()
     arpa = workdir / "model.arpa"

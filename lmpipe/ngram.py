@@ -34,7 +34,7 @@ import itertools
 import json
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -480,6 +480,12 @@ class _Estimator:
                                            logp=logp, bow=bow_))
         return tables
 
+    def release(self, k: int) -> None:
+        """Drop what only order k's ARPA section still needed: its probabilities and back-off weights and the
+        context table of order k + 1 (everything of order k + 1 that outlives it is already a table)."""
+        for name in (f"{self.q}_b{k}", f"{self.q}_p{k}", f"{self.q}_h{k + 1}"):
+            self.con.execute(f"DROP {'VIEW' if name in self.views else 'TABLE'} IF EXISTS {name}")
+
     def drop(self) -> None:
         for name in self.views:
             self.con.execute(f"DROP VIEW IF EXISTS {name}")
@@ -494,7 +500,7 @@ def _kn_gamma(d: Sequence[float], n1: str, n2: str, n3: str, total: str) -> str:
     return f"({d[0]!r} * {n1} + {d[1]!r} * {n2} + {d[2]!r} * {n3}) / {total}"
 
 
-def _kn(e: _Estimator) -> None:
+def _kn(e: _Estimator) -> Iterator[int]:
     v = e.c.vocab.n_predictable
     for k in range(1, e.order + 1):
         x = e.x(k)
@@ -512,9 +518,10 @@ def _kn(e: _Estimator) -> None:
             e.table(f"p{k}", f"SELECT c.key, (c.{x} - {_case(f'c.{x}', (d1, d2, d3), repr(d3))}) / h.total "
                              f"+ h.gamma * lo.p AS p {e.join_lower(k)}", view=k == e.order)
             e.table(f"b{k - 1}", f"SELECT key, gamma AS bow FROM {e.q}_h{k}", view=True)
+        yield k
 
 
-def _mle_like(e: _Estimator, bow: str, lambdas: Sequence[float] | None = None) -> None:
+def _mle_like(e: _Estimator, bow: str, lambdas: Sequence[float] | None = None) -> Iterator[int]:
     """Relative frequencies (MLE, stupid back-off) or their interpolation with λ per order (JM)."""
     v = e.c.vocab.n_predictable
     for k in range(1, e.order + 1):
@@ -523,14 +530,16 @@ def _mle_like(e: _Estimator, bow: str, lambdas: Sequence[float] | None = None) -
             mix = f" + {1 - lam!r} / {v}" if lambdas else ""
             e.table("p1", f"SELECT key, CASE WHEN key = {BOS_ID + 1} THEN 0 ELSE {lam!r} * x / total{mix} END AS p "
                           f"FROM {e.unigrams()}")
+            yield k
             continue
         e.contexts(k, "c")
         mix = f" + {1 - lam!r} * lo.p" if lambdas else ""
         e.table(f"p{k}", f"SELECT c.key, {lam!r} * c.c / h.total{mix} AS p {e.join_lower(k)}", view=k == e.order)
         e.table(f"b{k - 1}", f"SELECT key, {repr(1 - lam) if lambdas else bow} AS bow FROM {e.q}_h{k}", view=True)
+        yield k
 
 
-def _katz(e: _Estimator, top: int = 5) -> None:
+def _katz(e: _Estimator, top: int = 5) -> Iterator[int]:
     v = e.c.vocab.n_predictable
     for k in range(1, e.order + 1):
         d, fell_back = good_turing_discounts(_count_of_counts(e.c, k, "c", top + 1), top)
@@ -539,6 +548,7 @@ def _katz(e: _Estimator, top: int = 5) -> None:
             e.table("p1", f"""WITH u AS (SELECT key, x, x * {_case('x', d, '1.0')} AS kept, total FROM {e.unigrams()})
                 SELECT key, CASE WHEN key = {BOS_ID + 1} THEN 0
                 ELSE kept / total + (1 - (SELECT sum(kept) FROM u) / total) / {v} END AS p FROM u""")
+            yield k
             continue
         # a context whose continuations were all seen more than K times keeps no mass for unseen words;
         # there every continuation is discounted by 0.5 instead, so no test event gets probability 0
@@ -548,30 +558,28 @@ def _katz(e: _Estimator, top: int = 5) -> None:
         # α(h) = (1 - Σ_seen p*(w|h)) / (1 - Σ_seen p(w|h')), Chen & Goodman eq. 13
         e.table(f"b{k - 1}", f"""SELECT {ngram_count.context('key', k, e.bits)} AS key, CASE WHEN 1 - sum(lo) > 1e-12
             THEN greatest(1 - sum(p), 0) / (1 - sum(lo)) ELSE 0 END AS bow FROM {e.q}_p{k} GROUP BY 1""")
+        yield k
 
 
-def _build(counts: Counts, order: int, method: str, alpha: float, lambdas: Sequence[float] | None) -> _Estimator:
-    """Check the arguments and build a back-off method's probability and back-off weight tables in SQL."""
+def _build(counts: Counts, order: int, method: str, alpha: float, lambdas: Sequence[float] | None
+           ) -> tuple[_Estimator, Iterator[int]]:
+    """Check the arguments; returns the estimator of a back-off method and its steps, which build the
+    probability and back-off weight tables in SQL order by order, yielding each order once its tables
+    (and the back-off weights of the order below) exist. The caller drops the tables (``e.drop()``)."""
     if method not in METHODS:
         raise ValueError(f"unknown smoothing {method!r}; methods: {', '.join(METHODS)}")
     if not 1 <= order <= counts.order:
         raise ValueError(f"order {order} not in 1..{counts.order} (the counted orders)")
+    if method == "jm" and (lambdas is None or len(lambdas) != order):
+        raise ValueError(f"jm needs {order} lambdas (one per order); fit them with fit_lambdas()")
     e = _Estimator(counts, order, method, f"{counts.prefix}_{method}{order}")
-    try:
-        if method == "kn":
-            _kn(e)
-        elif method == "katz":
-            _katz(e)
-        elif method == "jm":
-            if lambdas is None or len(lambdas) != order:
-                raise ValueError(f"jm needs {order} lambdas (one per order); fit them with fit_lambdas()")
-            _mle_like(e, "", lambdas)
-        else:
-            _mle_like(e, "0.0" if method == "mle" else repr(alpha))
-    except BaseException:
-        e.drop()
-        raise
-    return e
+    if method == "kn":
+        return e, _kn(e)
+    if method == "katz":
+        return e, _katz(e)
+    if method == "jm":
+        return e, _mle_like(e, "", lambdas)
+    return e, _mle_like(e, "0.0" if method == "mle" else repr(alpha))
 
 
 def estimate(counts: Counts, order: int, method: str, *, k: float = 1.0, alpha: float = 0.4,
@@ -582,8 +590,10 @@ def estimate(counts: Counts, order: int, method: str, *, k: float = 1.0, alpha: 
     """
     if method == "addk":
         return _addk(counts, order, k)
-    e = _build(counts, order, method, alpha, lambdas)
+    e, steps = _build(counts, order, method, alpha, lambdas)
     try:
+        for _ in steps:
+            pass
         tables = e.fetch(keep_ngrams)
     finally:
         e.drop()
@@ -597,19 +607,29 @@ def estimate_arpa(counts: Counts, order: int, method: str, path: Path, *,
                   lambdas: Sequence[float] | None = None) -> dict[str, float]:
     """Estimate in SQL and stream the model to an ARPA file without loading it (what KenLM's lmplz does).
 
-    For the back-off-representable methods (mle, katz, jm, kn); returns the estimation notes.
+    For the back-off-representable methods (mle, katz, jm, kn); returns the estimation notes. Each section
+    is written as soon as its order's probabilities and back-off weights exist, and the tables that only it
+    needed are dropped then, so the top orders' joins run with less of the buffer pool taken.
     """
     if method not in ("mle", "katz", "jm", "kn"):
         raise ValueError(f"{method} has no direct ARPA export (add-k: addk_to_backoff; stupid back-off: none)")
-    e = _build(counts, order, method, 0.4, lambdas)
+    e, steps = _build(counts, order, method, 0.4, lambdas)
+
+    def section(out: ArpaWriter, k: int) -> None:
+        bow = (f", log10(coalesce(b.bow, 1.0))::FLOAT AS bow FROM {e.q}_p{k} p LEFT JOIN {e.q}_b{k} b "
+               "USING (key)") if k < order else f" FROM {e.q}_p{k} p"
+        query = f"SELECT {ngram_count.halves('p.key', k, e.bits)}, log10(p.p)::FLOAT AS logp{bow}"
+        out.write_batches(k, counts.con.sql(query).to_arrow_reader(_ARPA_BATCH))
+
     try:
         sizes = [len(counts.vocab), *(counts.ngrams[k] for k in range(2, order + 1))]  # one line per type, per n-gram
         with ArpaWriter(path, counts.vocab.words, sizes) as out:
-            for k in range(1, order + 1):
-                bow = (f", log10(coalesce(b.bow, 1.0))::FLOAT AS bow FROM {e.q}_p{k} p LEFT JOIN {e.q}_b{k} b "
-                       "USING (key)") if k < order else f" FROM {e.q}_p{k} p"
-                query = f"SELECT {ngram_count.halves('p.key', k, e.bits)}, log10(p.p)::FLOAT AS logp{bow}"
-                out.write_batches(k, counts.con.sql(query).to_arrow_reader(_ARPA_BATCH))
+            for k in steps:  # order k's tables exist, and with them order k - 1's back-off weights
+                if k > 1:
+                    section(out, k - 1)
+                    if k < order:  # the top order's probabilities are a view over order k - 1's tables
+                        e.release(k - 1)
+            section(out, order)
     finally:
         e.drop()
     return e.notes

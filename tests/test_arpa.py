@@ -27,12 +27,18 @@ def test_round_trip_scores_identically(tmp_path, method, order):
     np.testing.assert_array_equal(_all_logprobs(loaded), _all_logprobs(model))
 
 
-@pytest.mark.parametrize("method", ["katz", "kn"])
-def test_streamed_export_matches_model_export(tmp_path, method):
+@pytest.mark.parametrize("method", ["mle", "katz", "jm", "kn"])
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_streamed_export_matches_model_export(tmp_path, method, order):
     counts = ngram.count(CORPUS, 3)
-    ngram.estimate_arpa(counts, 3, method, tmp_path / "s.arpa")
+    kw = {"lambdas": [0.8, 0.6, 0.5][:order]} if method == "jm" else {}
+    before = set(counts.con.sql("SELECT table_name FROM information_schema.tables").fetchall())
+    ngram.estimate_arpa(counts, order, method, tmp_path / "s.arpa", **kw)
+    # sections are written while the estimate goes on, and every table or view it made is gone after
+    assert set(counts.con.sql("SELECT table_name FROM information_schema.tables").fetchall()) == before
     streamed = read_arpa(tmp_path / "s.arpa")
-    from_model = read_arpa(write_arpa(ngram.estimate(counts, 3, method), tmp_path / "m.arpa"))
+    from_model = read_arpa(write_arpa(ngram.estimate(counts, order, method, **kw), tmp_path / "m.arpa"))
+    assert streamed.order == order
     np.testing.assert_array_equal(_all_logprobs(streamed), _all_logprobs(from_model))
 
 
