@@ -11,7 +11,8 @@ of failures. What is checked:
 - the trainer on the GPU (bf16 autocast, fused AdamW): the loss falls on a learnable task, a killed and
   resumed run follows the uninterrupted run's loss curve, and the compiled model's first losses match eager;
 - the word2vec torch engine on the GPU learns planted structure (skip-gram and CBOW, negative sampling and
-  hierarchical softmax).
+  hierarchical softmax); so does the triton engine, whose kernel, run as one program, must also reproduce
+  the numba kernel's updates.
 """
 
 from __future__ import annotations
@@ -150,6 +151,48 @@ def word2vec_checks() -> None:
         losses = [h["loss"] for h in model.history]
         check(f"word2vec cuda {variant} planted topics", hits >= 0.9 and losses[-1] < losses[0],
               f"nearest neighbour in topic {hits:.0%}, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    if DEV != "cuda":
+        return
+    try:
+        from lmpipe import word2vec_triton as wt
+    except ImportError as exc:
+        check("word2vec triton engine", False, f"triton is not importable: {exc}")
+        return
+    for variant in ("sg-ns", "sg-hs", "cbow-ns", "cbow-hs"):
+        s = w2v.Word2VecSettings(sg=variant.startswith("sg"), hs=variant.endswith("hs"), dim=12, window=3,
+                                 epochs=5, min_count=1, sample=1e-3, seed=3, device=DEV, engine="triton")
+        model = w2v.train(sentences, s)
+        wv = WordVectors(model.words, model.syn0)
+        words = [w for t in topics for w in t]
+        hits = sum(wv.nearest(w, 1)[0][0][:2] == w[:2] for w in words) / len(words)
+        losses = [h["loss"] for h in model.history]
+        check(f"word2vec triton {variant} planted topics", hits >= 0.9 and losses[-1] < losses[0],
+              f"nearest neighbour in topic {hits:.0%}, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+        # one program trains the first 200 sentences in order: the numba kernel's updates, to rounding
+        words_, freq = w2v.build_vocab({w: 1 for sent in sentences for w in sent}, 1)
+        ids, starts = w2v.encode_corpus(sentences[:200], {w: i for i, w in enumerate(words_)})
+        if s.hs:
+            codes, points, lengths, table = (*w2v.huffman_tree(freq), np.zeros(1, np.int32))
+        else:
+            codes, points, lengths = np.zeros((1, 1), np.uint8), np.zeros((1, 1), np.int32), np.zeros(1, np.int32)
+            table = w2v.noise_table(freq)
+        syn0 = ((np.random.default_rng(1).random((len(words_), 12), dtype=np.float32) - 0.5) / 12)
+        syn1 = np.zeros((len(words_), 12), np.float32)
+        a0, a1 = syn0.copy(), syn1.copy()
+        first, end, before = np.array([0]), np.array([len(starts) - 1]), np.array([0])
+        w2v._train_chunks(ids, starts, first, end, before, np.ones(len(words_), np.float32), a0, a1, a1, codes,
+                          points, lengths, table, s.sg, True, 3, s.negative, s.hs, s.start_alpha,
+                          s.start_alpha * s.min_alpha_ratio, 10_000, 5)
+        t = {k: torch.from_numpy(v).to(DEV) for k, v in
+             {"table": table, "codes": codes, "points": points, "lengths": lengths}.items()}
+        b0, b1 = torch.from_numpy(syn0.copy()).to(DEV), torch.from_numpy(syn1.copy()).to(DEV)
+        st = torch.from_numpy(starts).to(DEV)
+        wt.launch(torch.from_numpy(ids).to(DEV), st, st, *(torch.from_numpy(x).to(DEV) for x in (first, end, before)),
+                  t, b0, b1, s, 10_000, 5)
+        diff = max(float(np.abs(a0 - b0.cpu().numpy()).max()), float(np.abs(a1 - b1.cpu().numpy()).max()))
+        moved = float(np.abs(a0 - syn0).max())
+        check(f"word2vec triton {variant} kernel = numba kernel", diff < 1e-4 and moved > 1e-3,
+              f"max |difference| {diff:.2e} after moving the vectors by up to {moved:.2e}")
 
 
 def main() -> int:

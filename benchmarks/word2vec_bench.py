@@ -3,7 +3,7 @@
 Usage::
 
     python benchmarks/word2vec_bench.py CORPUS.txt --eval-dir DIR [--variant sg-ns] [--epochs 5] [--threads 2]
-        [--streams 0] [--device cpu] [--gensim-python /path/to/venv/bin/python] [--json out.json]
+        [--streams 0] [--seed 1] [--device cpu] [--gensim-python /path/to/venv/bin/python] [--json out.json]
 
 Each non-empty line is one sentence, tokenized by :mod:`lmpipe.wordtok` (lower-cased). Defaults follow
 the reference setting: window 5, 5 negatives, dimension 100, min count 5, sample 1e-3, 5 epochs.
@@ -38,7 +38,7 @@ a = json.loads(sys.argv[1])
 t0, c0 = time.perf_counter(), time.process_time()
 m = Word2Vec(corpus_file=a["corpus"], sg=int(a["sg"]), hs=int(a["hs"]), negative=0 if a["hs"] else a["negative"],
              vector_size=a["dim"], window=a["window"], min_count=a["min_count"], sample=a["sample"],
-             epochs=a["epochs"], workers=a["threads"], cbow_mean=1, seed=1)
+             epochs=a["epochs"], workers=a["threads"], cbow_mean=1, seed=a["seed"])
 wall, cpu = time.perf_counter() - t0, time.process_time() - c0
 m.wv.save_word2vec_format(a["out"], binary=True)
 print(json.dumps({"seconds": wall, "cpu_seconds": cpu, "words": m.corpus_total_words, "vocab": len(m.wv),
@@ -58,6 +58,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--sample", type=float, default=1e-3)
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=1, help="random seed of both trainers (quality varies with it)")
     p.add_argument("--streams", type=int, default=0, help="CPU: corpus parts trained side by side (0: one per thread)")
     p.add_argument("--device", default="cpu", help="cpu (numba kernels) or a torch device such as cuda")
     p.add_argument("--batch-pairs", type=int, default=1 << 20, help="examples per step on the torch engine")
@@ -105,7 +106,8 @@ def run_gensim(python: str, corpus_words: list[str], ids, starts, args: argparse
             fh.write(" ".join(corpus_words[i] for i in ids[a:b]) + "\n")
     params = {"corpus": str(corpus), "out": str(tmp / "gensim.bin"), "sg": args.variant.startswith("sg"),
               "hs": args.variant.endswith("hs"), "negative": args.negative, "dim": args.dim, "window": args.window,
-              "min_count": 1, "sample": args.sample, "epochs": args.epochs, "threads": args.threads}
+              "min_count": 1, "sample": args.sample, "epochs": args.epochs, "threads": args.threads,
+              "seed": args.seed}
     # min_count 1: the file holds only words that already passed min_count here, so both see one vocabulary
     res = subprocess.run([python, "-c", GENSIM_SCRIPT, json.dumps(params)], capture_output=True, text=True, check=True)
     stats = json.loads(res.stdout.strip().splitlines()[-1])
@@ -128,7 +130,7 @@ def main() -> None:
     s = word2vec.Word2VecSettings(sg=args.variant.startswith("sg"), hs=args.variant.endswith("hs"), dim=args.dim,
                                   window=args.window, negative=args.negative, sample=args.sample,
                                   min_count=args.min_count, epochs=args.epochs, threads=args.threads,
-                                  streams=args.streams,
+                                  streams=args.streams, seed=args.seed,
                                   device=args.device, batch_pairs=args.batch_pairs, report_words=2_000_000)
 
     def progress(r: dict[str, float]) -> None:

@@ -1,12 +1,14 @@
-"""word2vec on a CUDA GPU: the torch engine's throughput and quality, unattended, against the CPU engine.
+"""word2vec on a CUDA GPU: the GPU engines' throughput and quality, unattended, against the CPU engine.
 
 Usage (on a machine with a CUDA GPU; prints JSON and writes it to ``--json``)::
 
-    python benchmarks/word2vec_gpu_bench.py CORPUS.txt --eval-dir DIR [--epochs 5] [--batch-pairs 1048576 ...]
+    python benchmarks/word2vec_gpu_bench.py CORPUS.txt --eval-dir DIR [--epochs 5] [--engines triton torch]
+        [--streams 4096 16384] [--batch-pairs 32768 ...]
 
 It tokenizes once, then trains skip-gram with negative sampling (window 5, 5 negatives, dimension 100,
-min count 5) on the GPU for each ``--batch-pairs`` value, and, unless ``--no-cpu``, with the numba
-kernels on all CPU cores for the same epochs, so the rows differ only in the engine. Each row reports
+min count 5) on the GPU: with the triton engine (Hogwild kernel) once per ``--streams`` value, with the
+torch engine (batched steps) for each ``--batch-pairs`` and ``--row-caps`` value, and, unless ``--no-cpu``,
+with the numba kernels on all CPU cores for the same epochs, so the rows differ only in the engine. Each row reports
 words/s (in-vocabulary words × epochs / training wall time, with the GPU synchronised), peak GPU
 memory and the evaluation of :mod:`benchmarks.word2vec_bench`. Without a GPU it exits with a message.
 """
@@ -31,8 +33,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--eval-dir", type=Path)
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--variant", choices=("sg-ns", "sg-hs", "cbow-ns", "cbow-hs"), default="sg-ns")
-    p.add_argument("--batch-pairs", type=int, nargs="+", default=[1 << 18, 1 << 20, 1 << 22])
-    p.add_argument("--row-caps", type=int, nargs="+", default=[32], help="gpu_row_cap values (each with every batch)")
+    p.add_argument("--engines", nargs="+", choices=("triton", "torch"), default=["triton", "torch"])
+    p.add_argument("--streams", type=int, nargs="+", default=[16_384], help="triton: programs side by side")
+    p.add_argument("--batch-pairs", type=int, nargs="+", default=[1 << 15], help="torch: examples per step")
+    p.add_argument("--row-caps", type=int, nargs="+", default=[64], help="torch: gpu_row_cap values (each with "
+                   "every batch)")
     p.add_argument("--max-lines", type=int, default=0)
     p.add_argument("--no-cpu", action="store_true", help="skip the CPU-engine row")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes that tokenize the corpus")
@@ -79,7 +84,8 @@ def run(settings, vocab, corpus, eval_dir: Path | None) -> dict:
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
     n_words = int(corpus[1][-1])
-    row = {"device": settings.device, "batch_pairs": settings.batch_pairs, "row_cap": settings.gpu_row_cap,
+    row = {"device": settings.device, "engine": settings.engine, "streams": settings.streams,
+           "batch_pairs": settings.batch_pairs, "row_cap": settings.gpu_row_cap,
            "seconds": wall, "words_per_s": n_words * settings.epochs / wall,
            "epoch_loss": [h["loss"] for h in model.history]}
     if cuda:
@@ -103,13 +109,23 @@ def main() -> int:
     print(f"tokenized {int(corpus[1][-1]):,} words, {len(vocab[0]):,} types in {time.perf_counter() - t0:.0f}s")
     base = word2vec.Word2VecSettings(sg=args.variant.startswith("sg"), hs=args.variant.endswith("hs"),
                                      epochs=args.epochs, device="cuda", report_words=5_000_000)
-    word2vec.train([["a", "b", "c"]] * 50, dataclasses.replace(base, min_count=1, epochs=1))  # warm-up
     rows = []
-    for bp in args.batch_pairs:
-        for cap in args.row_caps:
-            print(f"GPU, {bp:,} examples per step, row cap {cap}", flush=True)
-            rows.append(run(dataclasses.replace(base, batch_pairs=bp, gpu_row_cap=cap), vocab, corpus, args.eval_dir))
-            print(json.dumps(rows[-1]), flush=True)
+    for engine in args.engines:
+        tiny = dataclasses.replace(base, engine=engine, min_count=1, epochs=1)
+        word2vec.train([["a", "b", "c"]] * 50, tiny)  # warm-up: kernels compiled before the timing
+        if engine == "triton":
+            for streams in args.streams:
+                print(f"GPU, triton engine, {streams:,} streams", flush=True)
+                rows.append(run(dataclasses.replace(base, engine=engine, streams=streams), vocab, corpus,
+                                args.eval_dir))
+                print(json.dumps(rows[-1]), flush=True)
+            continue
+        for bp in args.batch_pairs:
+            for cap in args.row_caps:
+                print(f"GPU, torch engine, {bp:,} examples per step, row cap {cap}", flush=True)
+                rows.append(run(dataclasses.replace(base, engine=engine, batch_pairs=bp, gpu_row_cap=cap), vocab,
+                                corpus, args.eval_dir))
+                print(json.dumps(rows[-1]), flush=True)
     if not args.no_cpu:
         threads = os.cpu_count() or 1
         print(f"CPU engine, {threads} threads", flush=True)

@@ -163,10 +163,15 @@ class EmbeddingsConfig:
     w2v_alpha: float = knob(0.0, "word2vec initial learning rate (0: word2vec.c's 0.025 skip-gram, 0.05 CBOW).")
     w2v_threads: int = knob(0, "CPU threads of the word2vec kernels (0: all cores).")
     w2v_streams: int = knob(
-        0, "CPU word2vec: the train split is cut into this many parts, trained side by side (0: one per thread, "
-        "as word2vec.c and gensim give each thread its own part of the input)."
+        0, "Hogwild word2vec: the train split is cut into this many parts, trained side by side (0: one per CPU "
+        "thread, as word2vec.c and gensim give each thread its own part of the input; 16,384 programs with the "
+        "triton GPU engine)."
     )
     w2v_device: Literal["auto", "cpu", "cuda"] = knob("auto", "word2vec device; auto picks CUDA when available.")
+    w2v_gpu_engine: Literal["torch", "triton"] = knob(
+        "torch", "word2vec on a GPU: torch (batched steps whose updates are summed, capped per row) or triton (a "
+        "Hogwild kernel that applies each example in turn, as the CPU threads do; needs the triton package)."
+    )
     w2v_batch_pairs: int = knob(
         1 << 15, "Training examples per step on the GPU path (larger is faster but trains worse vectors)."
     )

@@ -137,7 +137,8 @@ def _w2v_settings(cfg: EmbeddingsConfig, variant: str) -> word2vec.Word2VecSetti
         sg=variant.startswith("sg"), hs=variant.endswith("hs"), dim=cfg.w2v_dim, window=cfg.w2v_window,
         negative=cfg.w2v_negative, cbow_mean=cfg.w2v_cbow_mean, sample=cfg.w2v_sample, min_count=cfg.w2v_min_count,
         epochs=cfg.w2v_epochs, alpha=cfg.w2v_alpha, seed=cfg.seed + 1, threads=cfg.w2v_threads or (os.cpu_count() or 1),
-        streams=cfg.w2v_streams, device=dev, batch_pairs=cfg.w2v_batch_pairs, gpu_row_cap=cfg.w2v_gpu_row_cap,
+        streams=cfg.w2v_streams, device=dev, engine=cfg.w2v_gpu_engine if dev == "cuda" else "auto",
+        batch_pairs=cfg.w2v_batch_pairs, gpu_row_cap=cfg.w2v_gpu_row_cap,
         report_words=200_000,
     )
 

@@ -11,12 +11,14 @@
   1 - √(t/(f/T))). Each centre draws its window b from 1..window (the "dynamic window").
 - The learning rate decays linearly from ``alpha`` to ``alpha * min_alpha_ratio`` over all epochs.
 
-Two engines train the same model: numba kernels on the CPU, where threads update the shared matrices
+Engines that train the same model: numba kernels on the CPU, where threads update the shared matrices
 without locks over chunks of sentences (Hogwild, Recht et al. 2011) as word2vec.c and gensim do (the
 corpus is cut into ``streams`` parts that advance side by side, as those tools give each thread its own
 part of the input file; on a 108 MB English corpus two parts gave better analogies than one), and
 PyTorch on a GPU with batches of examples whose updates are summed, each row's capped (see
-``_gpu_step``). The loss is reported through a callback during training and per epoch.
+``_gpu_step``). A third engine, :mod:`lmpipe.word2vec_triton`, runs the numba kernel's rules as a Triton
+kernel on the GPU, thousands of Hogwild programs each applying its examples in turn (``engine="triton"``).
+The loss is reported through a callback during training and per epoch.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import heapq
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numba
@@ -37,6 +39,7 @@ UNIGRAM_POWER = 0.75
 TABLE_SIZE = 10_000_000  # noise table entries (word2vec.c uses 1e8; 1e7 is as exact for vocabularies < 1M)
 MAX_SENTENCE = 10_000  # longer sentences are cut into pieces of this many words (word2vec.c: 1000)
 CHUNK_WORDS = 10_000  # words per Hogwild work item
+ENGINES = ("auto", "numba", "torch", "triton")
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,8 @@ class Word2VecSettings:
     streams: int = 0  # CPU: parts of the corpus trained side by side (0: one per thread, as word2vec.c)
     threads: int = 0  # 0: all cores
     device: str = "cpu"  # "cpu" or a torch device such as "cuda"
-    engine: str = "auto"  # "numba" (CPU), "torch" (any device); auto: numba on "cpu", torch elsewhere
+    engine: str = "auto"  # "numba" (CPU), "torch" (any device), "triton" (Hogwild kernel: CUDA, or CPU interpreted);
+    # auto: numba on "cpu", torch elsewhere
     batch_pairs: int = 1 << 15  # GPU examples per step
     gpu_row_cap: int = 64  # GPU: a row touched more often in one step moves by this many examples' worth at most
     report_words: int = 1_000_000  # call the progress callback about every this many words
@@ -387,35 +391,52 @@ def _words_before(starts: np.ndarray, bounds: np.ndarray, chunks: np.ndarray) ->
     return np.cumsum(words) - words
 
 
+class Schedule:
+    """How Hogwild workers take the corpus: cut into chunks of about ``chunk_words`` words (whole sentences),
+    grouped into ``n_parts`` parts of consecutive chunks that advance side by side, as word2vec.c gives each
+    thread its own part of the file. :meth:`epoch` yields, per kernel call, ``per_part`` chunks of every part:
+    (first sentence, end sentence, words trained before it) per chunk. A chunk's words start after ``done``
+    plus ``n_parts`` times the words before it in its own part's piece (this sets its learning rate)."""
+
+    def __init__(self, starts: np.ndarray, chunk_words: int, n_parts: int, epochs: int) -> None:
+        self.starts = starts
+        self.bounds = _chunk_bounds(starts, chunk_words)
+        self.total = max(int(starts[-1]) * epochs, 1)
+        self.n_parts = max(1, min(n_parts, len(self.bounds) - 1))
+        self.parts = np.array_split(np.arange(len(self.bounds) - 1), self.n_parts)
+        self.done = 0  # words trained so far (before subsampling), over all epochs
+
+    def epoch(self, per_part: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        starts, bounds = self.starts, self.bounds
+        for i in range(0, len(self.parts[0]), per_part):
+            pieces = [p[i : i + per_part] for p in self.parts]
+            first = np.concatenate([bounds[p] for p in pieces])
+            end = np.concatenate([bounds[p + 1] for p in pieces])
+            before = np.concatenate([self.done + self.n_parts * _words_before(starts, bounds, p) for p in pieces])
+            self.done += int((starts[end] - starts[first]).sum())
+            yield first, end, before
+
+
 def _train_cpu(model: Word2VecModel, ids: np.ndarray, starts: np.ndarray, tables: tuple, progress: Progress | None,
                epoch_done: EpochDone | None) -> None:
     s = model.settings
     threads = s.threads or os.cpu_count() or 1
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     keep, table, codes, points, lengths = tables
-    bounds = _chunk_bounds(starts, CHUNK_WORDS)
-    total = max(int(starts[-1]) * s.epochs, 1)
-    n_parts = max(1, min(s.streams or threads, len(bounds) - 1))
-    parts = np.array_split(np.arange(len(bounds) - 1), n_parts)
-    per_part = max(1, s.report_words // CHUNK_WORDS * threads // n_parts)  # chunks of each part per kernel call
-    done, t0 = 0, time.perf_counter()
+    schedule = Schedule(starts, CHUNK_WORDS, s.streams or threads, s.epochs)
+    per_part = max(1, s.report_words // CHUNK_WORDS * threads // schedule.n_parts)  # chunks of each part per call
+    t0 = time.perf_counter()
     for epoch in range(s.epochs):
         sums, t_epoch = np.zeros(3), time.perf_counter()
-        for i in range(0, len(parts[0]), per_part):
-            pieces = [p[i : i + per_part] for p in parts]
-            first = np.concatenate([bounds[p] for p in pieces])
-            end = np.concatenate([bounds[p + 1] for p in pieces])
-            # the parts advance side by side: a chunk's words start after `done` plus n_parts times the words
-            # before it in its own part's piece (this sets its learning rate)
-            before = np.concatenate([done + n_parts * _words_before(starts, bounds, p) for p in pieces])
+        for first, end, before in schedule.epoch(per_part):
             out = _train_chunks(ids, starts, first, end, before, keep, model.syn0, model.syn1, model.syn1, codes,
                                 points, lengths, table, s.sg, s.cbow_mean, s.window, s.negative, s.hs, s.start_alpha,
-                                s.start_alpha * s.min_alpha_ratio, total, s.seed + epoch * 100_003)
-            done += int((starts[end] - starts[first]).sum())
+                                s.start_alpha * s.min_alpha_ratio, schedule.total, s.seed + epoch * 100_003)
             sums += out.sum(axis=0)
             if progress is not None:
-                progress(_report(epoch, out.sum(axis=0), done, total, t0, s))
-        record = _report(epoch, sums, done, total, t0, s) | {"epoch_seconds": time.perf_counter() - t_epoch}
+                progress(_report(epoch, out.sum(axis=0), schedule.done, schedule.total, t0, s))
+        record = _report(epoch, sums, schedule.done, schedule.total, t0, s)
+        record["epoch_seconds"] = time.perf_counter() - t_epoch
         model.history.append(record)
         if epoch_done is not None:
             epoch_done(epoch, record, model)
@@ -607,6 +628,13 @@ def train(sentences: Sequence[Sequence[str]] | None = None, settings: Word2VecSe
         codes, points, lengths = np.zeros((1, 1), np.uint8), np.zeros((1, 1), np.int32), np.zeros(1, np.int32)
         table = noise_table(freq)
     tables = (keep_probabilities(freq, settings.sample), table, codes, points, lengths)
+    if settings.engine not in ENGINES:
+        raise ValueError(f"word2vec: unknown engine {settings.engine!r}; engines: {', '.join(ENGINES)}")
+    if settings.engine == "triton":
+        from lmpipe import word2vec_triton
+
+        word2vec_triton.train(model, ids, starts, tables, progress, epoch_done)
+        return model
     use_numba = settings.engine == "numba" or (settings.engine == "auto" and settings.device == "cpu")
     engine = _train_cpu if use_numba else _train_gpu
     engine(model, ids, starts, tables, progress, epoch_done)
