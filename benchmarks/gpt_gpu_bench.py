@@ -6,7 +6,7 @@ AdamW) through :class:`lmpipe.trainer.Trainer`, queued without a host sync betwe
 ``Trainer.fit`` queues them. Prints one line per variant: tokens/s, MFU against
 the given peak (800 TFLOP/s, a measured H100 bf16 matmul peak, by default) and peak memory.
 
-    python benchmarks/gpt_gpu_bench.py [--batch 16,32] [--steps 30] [--variants compiled,eager]
+    python benchmarks/gpt_gpu_bench.py [--batch 16,32] [--steps 30] [--rounds 1] [--variants compiled,eager]
 """
 
 from __future__ import annotations
@@ -40,12 +40,16 @@ def bench(compiled: bool, batch: int, args: argparse.Namespace) -> str:
         trainer._update([data[step % 8]], loss_fn, step)
     torch.cuda.synchronize()
     warmup_s = time.perf_counter() - t_compile
-    t0 = time.perf_counter()
-    for step in range(args.steps):
-        trainer._update([data[step % 8]], loss_fn, args.warmup + step)
-    torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
+    rounds = []  # seconds per round of args.steps steps, the model warm: the spread says what the noise is
+    for r in range(args.rounds):
+        t0 = time.perf_counter()
+        for step in range(args.steps):
+            trainer._update([data[step % 8]], loss_fn, args.warmup + r * args.steps + step)
+        torch.cuda.synchronize()
+        rounds.append(time.perf_counter() - t0)
+    seconds = sorted(rounds)[len(rounds) // 2]  # the median round
     tok_s = args.steps * batch * cfg.block_size / seconds
+    per_round = [args.steps * batch * cfg.block_size / t for t in rounds]
     mfu = model.flops_per_token() * tok_s / (args.peak_tflops * 1e12)
     peak_gib = torch.cuda.max_memory_allocated() / 2**30
     del trainer, model, data
@@ -53,13 +57,16 @@ def bench(compiled: bool, batch: int, args: argparse.Namespace) -> str:
     return (f"gpt gpu | {args.compile_mode if compiled else 'eager':8} | 12x768 h12 ctx1024 V50304 b{batch} bf16 | "
             f"{tok_s:,.0f} tokens/s | MFU {100 * mfu:.1f}% of {args.peak_tflops:g} TFLOP/s | "
             f"peak mem {peak_gib:.1f} GiB | {1000 * seconds / args.steps:.0f} ms/step | warmup {warmup_s:.0f} s | "
+            + (f"rounds {', '.join(f'{x:,.0f}' for x in per_round)} (best {max(per_round):,.0f}) | "
+               if len(rounds) > 1 else "") +
             f"{torch.cuda.get_device_name()} torch {torch.__version__}")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", default="16", help="comma-separated sequences of 1024 tokens per step")
-    p.add_argument("--steps", type=int, default=30, help="timed steps per variant")
+    p.add_argument("--steps", type=int, default=30, help="timed steps per round")
+    p.add_argument("--rounds", type=int, default=1, help="timed rounds per variant (the median is reported)")
     p.add_argument("--warmup", type=int, default=8, help="untimed steps first (compilation happens here)")
     p.add_argument("--compile-mode", default="default", help="torch.compile mode of the compiled variant")
     p.add_argument("--coordinate-descent", action="store_true",
