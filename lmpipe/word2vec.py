@@ -631,8 +631,11 @@ def train(sentences: Sequence[Sequence[str]] | None = None, settings: Word2VecSe
     if settings.engine not in ENGINES:
         raise ValueError(f"word2vec: unknown engine {settings.engine!r}; engines: {', '.join(ENGINES)}")
     if settings.engine == "triton":
-        from lmpipe import word2vec_triton
-
+        try:
+            from lmpipe import word2vec_triton
+        except ImportError as exc:
+            raise RuntimeError(f"word2vec engine 'triton' needs the triton package ({exc}); PyTorch's CUDA builds "
+                               "bring it, or pip install 'lmpipe[gpu]'") from exc
         word2vec_triton.train(model, ids, starts, tables, progress, epoch_done)
         return model
     use_numba = settings.engine == "numba" or (settings.engine == "auto" and settings.device == "cpu")

@@ -13,7 +13,23 @@ import sys
 
 import pytest
 
-pytest.importorskip("triton")
+from lmpipe import word2vec as w2v
+
+
+def test_missing_triton_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "triton", None)  # import triton now fails, as where it is not installed
+    monkeypatch.delitem(sys.modules, "lmpipe.word2vec_triton", raising=False)
+    s = w2v.Word2VecSettings(dim=4, epochs=1, min_count=1, engine="triton")
+    with pytest.raises(RuntimeError, match="needs the triton package"):
+        w2v.train([["a", "b", "c"]] * 3, s)
+    with pytest.raises(ValueError, match="unknown engine 'cuda'"):
+        w2v.train([["a", "b", "c"]] * 3, w2v.Word2VecSettings(dim=4, epochs=1, min_count=1, engine="cuda"))
+
+
+@pytest.fixture(scope="module")
+def triton():
+    return pytest.importorskip("triton")
+
 
 SCRIPT = r"""
 import json
@@ -94,7 +110,7 @@ print(json.dumps(result))
 
 
 @pytest.fixture(scope="module")
-def interpreted() -> dict:
+def interpreted(triton) -> dict:
     env = os.environ | {"TRITON_INTERPRET": "1"}
     proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -124,10 +140,10 @@ def test_subsample_keeps_sentence_bounds(interpreted: dict) -> None:
     assert interpreted["subsample"] == {"ids": [1, 2, 3], "starts": [0, 2, 3, 3]}
 
 
-def test_interpreter_mismatch_is_a_clear_error() -> None:
+def test_interpreter_mismatch_is_a_clear_error(triton) -> None:
     from lmpipe import word2vec_triton
 
-    if word2vec_triton.triton.knobs.runtime.interpret:
+    if triton.knobs.runtime.interpret:
         pytest.skip("this process runs triton interpreted")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         word2vec_triton.kernel(True)
