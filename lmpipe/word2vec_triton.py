@@ -102,10 +102,10 @@ def _sgns_kernel(kids, kstarts, starts, first, end, before, table, syn0, syn1, c
                         tl.store(syn1 + node * DIM + offs, u + g * h, mask=mask)
                 else:
                     for d in range(0, NEG + 1):
-                        if d > 0:
+                        word = target
+                        if d > 0:  # a noise word (the positive example needs no table read)
                             state = state * LCG_MUL + LCG_ADD
-                        noise = tl.load(table + ((state >> 16) % n_table).to(tl.int64)).to(tl.int64)
-                        word = tl.where(d > 0, noise, target)
+                            word = tl.load(table + ((state >> 16) % n_table).to(tl.int64)).to(tl.int64)
                         label = tl.where(d > 0, 0.0, 1.0)
                         if (d == 0) | (word != target):  # a draw of the target itself is skipped
                             u = tl.load(syn1 + word * DIM + offs, mask=mask, other=0.0)
