@@ -137,6 +137,17 @@ def trainer_checks() -> None:
         check("trainer compiled ~ eager (10 steps, bf16)", diff < 2e-2, f"max relative loss diff {diff:.2e}")
 
 
+def planted_topics(sentences: list[list[str]], topics: list[list[str]], s: w2v.Word2VecSettings, name: str) -> None:
+    """Train on sentences drawn from one topic each: every word's nearest neighbour must share its topic."""
+    model = w2v.train(sentences, s)
+    wv = WordVectors(model.words, model.syn0)
+    words = [w for t in topics for w in t]
+    hits = sum(wv.nearest(w, 1)[0][0][:2] == w[:2] for w in words) / len(words)
+    losses = [h["loss"] for h in model.history]
+    check(f"word2vec {name} {s.name} planted topics", hits >= 0.9 and losses[-1] < losses[0],
+          f"nearest neighbour in topic {hits:.0%}, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+
+
 def word2vec_checks() -> None:
     rng = np.random.default_rng(0)
     topics = [[f"t{t}w{i}" for i in range(4)] for t in range(6)]
@@ -144,13 +155,7 @@ def word2vec_checks() -> None:
     for variant in ("sg-ns", "sg-hs", "cbow-ns", "cbow-hs"):
         s = w2v.Word2VecSettings(sg=variant.startswith("sg"), hs=variant.endswith("hs"), dim=12, window=3,
                                  epochs=5, min_count=1, sample=0.0, seed=3, device=DEV, batch_pairs=2048)
-        model = w2v.train(sentences, s)
-        wv = WordVectors(model.words, model.syn0)
-        words = [w for t in topics for w in t]
-        hits = sum(wv.nearest(w, 1)[0][0][:2] == w[:2] for w in words) / len(words)
-        losses = [h["loss"] for h in model.history]
-        check(f"word2vec cuda {variant} planted topics", hits >= 0.9 and losses[-1] < losses[0],
-              f"nearest neighbour in topic {hits:.0%}, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+        planted_topics(sentences, topics, s, "cuda")
     if DEV != "cuda":
         return
     try:
@@ -161,13 +166,7 @@ def word2vec_checks() -> None:
     for variant in ("sg-ns", "sg-hs", "cbow-ns", "cbow-hs"):
         s = w2v.Word2VecSettings(sg=variant.startswith("sg"), hs=variant.endswith("hs"), dim=12, window=3,
                                  epochs=5, min_count=1, sample=1e-3, seed=3, device=DEV, engine="triton")
-        model = w2v.train(sentences, s)
-        wv = WordVectors(model.words, model.syn0)
-        words = [w for t in topics for w in t]
-        hits = sum(wv.nearest(w, 1)[0][0][:2] == w[:2] for w in words) / len(words)
-        losses = [h["loss"] for h in model.history]
-        check(f"word2vec triton {variant} planted topics", hits >= 0.9 and losses[-1] < losses[0],
-              f"nearest neighbour in topic {hits:.0%}, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+        planted_topics(sentences, topics, s, "triton")
         # one program trains the first 200 sentences in order: the numba kernel's updates, to rounding
         words_, freq = w2v.build_vocab({w: 1 for sent in sentences for w in sent}, 1)
         ids, starts = w2v.encode_corpus(sentences[:200], {w: i for i, w in enumerate(words_)})
