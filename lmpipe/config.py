@@ -164,8 +164,8 @@ class EmbeddingsConfig:
     w2v_threads: int = knob(0, "CPU threads of the word2vec kernels (0: all cores).")
     w2v_streams: int = knob(
         0, "Hogwild word2vec: the train split is cut into this many parts, trained side by side (0: one per CPU "
-        "thread, as word2vec.c and gensim give each thread its own part of the input; 16,384 programs with the "
-        "triton GPU engine)."
+        "thread, as word2vec.c and gensim give each thread its own part of the input; with the "
+        "triton GPU engine 16,384 programs, or one per 1,000 words of a smaller corpus)."
     )
     w2v_device: Literal["auto", "cpu", "cuda"] = knob("auto", "word2vec device; auto picks CUDA when available.")
     w2v_gpu_engine: Literal["torch", "triton"] = knob(

@@ -27,7 +27,8 @@ from lmpipe import word2vec
 
 LCG_MUL = tl.constexpr(25214903917)  # word2vec.c's linear congruential generator, as in the numba kernel
 LCG_ADD = tl.constexpr(11)
-DEFAULT_STREAMS = 16_384  # programs per launch on a GPU: parts of the corpus trained side by side
+DEFAULT_STREAMS = 16_384  # programs per launch on a GPU: parts of the corpus trained side by side...
+MIN_PART_WORDS = 1_000  # ...but fewer on a small corpus, where thousands of programs would update the same rows
 LAUNCHES_PER_EPOCH = 8  # each part is cut into chunks so that an epoch takes about this many launches
 
 
@@ -180,7 +181,8 @@ def train(model: "word2vec.Word2VecModel", ids: np.ndarray, starts: np.ndarray, 
     keep_t = torch.from_numpy(keep).to(dev)
     gen = torch.Generator(device=dev)
     gen.manual_seed(s.seed)
-    n_parts = s.streams or (DEFAULT_STREAMS if dev.type == "cuda" else 1)
+    n_parts = s.streams or (min(DEFAULT_STREAMS, max(1, int(starts[-1]) // MIN_PART_WORDS)) if dev.type == "cuda"
+                            else 1)
     chunk_words = max(1, int(starts[-1]) // (n_parts * LAUNCHES_PER_EPOCH))
     schedule = word2vec.Schedule(starts, chunk_words, n_parts, s.epochs)
     t0 = time.perf_counter()
