@@ -58,7 +58,7 @@ class Word2VecSettings:
     alpha: float = 0.0  # 0: 0.025 for skip-gram, 0.05 for CBOW
     min_alpha_ratio: float = 1e-4
     seed: int = 1
-    streams: int = 0  # CPU: parts of the corpus trained side by side (0: one per thread, as word2vec.c)
+    streams: int = 0  # parts of the corpus trained side by side (0: one per CPU thread, as word2vec.c; triton: many)
     threads: int = 0  # 0: all cores
     device: str = "cpu"  # "cpu" or a torch device such as "cuda"
     engine: str = "auto"  # "numba" (CPU), "torch" (any device), "triton" (Hogwild kernel: CUDA, or CPU interpreted);
