@@ -46,9 +46,10 @@ def _sgns_kernel(kids, kstarts, starts, first, end, before, table, syn0, syn1, c
     s1 = tl.load(end + pid)
     done0 = tl.load(before + pid)
     start0 = tl.load(starts + s0)
-    state = seed.to(tl.uint64) * 1_000_003 + s0.to(tl.uint64) * 7919 + 1
+    # (no .to() on the scalar arguments: where one equals 1, a compiled kernel may receive it as a constexpr)
+    state = (tl.full([], 0, tl.uint64) + seed) * 1_000_003 + s0.to(tl.uint64) * 7919 + 1
     window = tl.full([], WINDOW, tl.uint64)
-    n_table = table_size.to(tl.uint64)
+    n_table = tl.full([], 0, tl.uint64) + table_size
     loss = tl.full([], 0.0, tl.float32)
     examples = tl.full([], 0, tl.int64)
     words = tl.full([], 0, tl.int64)
@@ -138,7 +139,8 @@ def kernel(interpret: bool):
     if interpret != bool(triton.knobs.runtime.interpret):
         raise RuntimeError("word2vec's triton engine: CPU tensors run in Triton's interpreter, which must be chosen "
                            "before triton is imported (TRITON_INTERPRET=1); CUDA tensors need it unset")
-    return triton.jit(_sgns_kernel)
+    # one compiled kernel for every seed and size (Triton would otherwise specialise an argument equal to 1)
+    return triton.jit(_sgns_kernel, do_not_specialize=["table_size", "words_total", "seed"])
 
 
 def launch(ids: torch.Tensor, kstarts: torch.Tensor, starts: torch.Tensor, first: torch.Tensor, end: torch.Tensor,

@@ -147,3 +147,29 @@ def test_interpreter_mismatch_is_a_clear_error(triton) -> None:
         pytest.skip("this process runs triton interpreted")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         word2vec_triton.kernel(True)
+
+
+@pytest.mark.parametrize("sg, hs", [(True, False), (False, True)])
+def test_kernel_compiles_for_a_cuda_gpu(triton, sg: bool, hs: bool) -> None:
+    """Compiled for an H100 (sm_90) without one: Triton's own compiler and ptxas. The scalar arguments are given as
+    the constexpr 1 that Triton makes of an argument equal to 1 where it specialises (the default seed is 1)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from lmpipe import word2vec_triton
+
+    if triton.knobs.runtime.interpret:
+        pytest.skip("this process runs triton interpreted")
+    fn = word2vec_triton.kernel(False)
+    assert {p.name for p in fn.params if p.do_not_specialize} == {"table_size", "words_total", "seed"}
+    pointers = {"kids": "*i32", "kstarts": "*i64", "starts": "*i64", "first": "*i64", "end": "*i64",
+                "before": "*i64", "table": "*i32", "syn0": "*fp32", "syn1": "*fp32", "codes": "*u8",
+                "points": "*i32", "lengths": "*i32", "out": "*fp32", "alpha0": "fp32", "alpha_end": "fp32"}
+    constants = {"table_size": 1, "words_total": 1, "seed": 1, "DIM": 100, "BLOCK": 128, "SG": sg, "HS": hs,
+                 "NEG": 5, "CBOW_MEAN": True, "WINDOW": 5, "MAX_CODE": 40}
+    signature = pointers | {name: "constexpr" for name in constants}
+    src = ASTSource(fn=fn, signature=signature,
+                    constexprs={(fn.arg_names.index(name),): value for name, value in constants.items()})
+    options = {"num_warps": 1, "enable_fp_fusion": True}
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    assert len(compiled.asm["cubin"]) > 1000
