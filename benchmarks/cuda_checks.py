@@ -170,11 +170,7 @@ def word2vec_checks() -> None:
         # one program trains the first 200 sentences in order: the numba kernel's updates, to rounding
         words_, freq = w2v.build_vocab({w: 1 for sent in sentences for w in sent}, 1)
         ids, starts = w2v.encode_corpus(sentences[:200], {w: i for i, w in enumerate(words_)})
-        if s.hs:
-            codes, points, lengths, table = (*w2v.huffman_tree(freq), np.zeros(1, np.int32))
-        else:
-            codes, points, lengths = np.zeros((1, 1), np.uint8), np.zeros((1, 1), np.int32), np.zeros(1, np.int32)
-            table = w2v.noise_table(freq)
+        codes, points, lengths, table = w2v.output_tables(freq, s.hs)
         syn0 = ((np.random.default_rng(1).random((len(words_), 12), dtype=np.float32) - 0.5) / 12)
         syn1 = np.zeros((len(words_), 12), np.float32)
         a0, a1 = syn0.copy(), syn1.copy()
@@ -182,8 +178,7 @@ def word2vec_checks() -> None:
         w2v._train_chunks(ids, starts, first, end, before, np.ones(len(words_), np.float32), a0, a1, a1, codes,
                           points, lengths, table, s.sg, True, 3, s.negative, s.hs, s.start_alpha,
                           s.start_alpha * s.min_alpha_ratio, 10_000, 5)
-        t = {k: torch.from_numpy(v).to(DEV) for k, v in
-             {"table": table, "codes": codes, "points": points, "lengths": lengths}.items()}
+        t = wt.device_tables(codes, points, lengths, table, DEV)
         b0, b1 = torch.from_numpy(syn0.copy()).to(DEV), torch.from_numpy(syn1.copy()).to(DEV)
         st = torch.from_numpy(starts).to(DEV)
         wt.launch(torch.from_numpy(ids).to(DEV), st, st, *(torch.from_numpy(x).to(DEV) for x in (first, end, before)),

@@ -158,6 +158,14 @@ def huffman_tree(counts: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndar
     return codes, points, lengths
 
 
+def output_tables(counts: np.ndarray, hs: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """What the output layer looks up: (codes, points, lengths) of the Huffman tree for hierarchical softmax,
+    or the noise table for negative sampling; the side not used is a placeholder of size 1."""
+    if hs:
+        return (*huffman_tree(counts), np.zeros(1, np.int32))
+    return np.zeros((1, 1), np.uint8), np.zeros((1, 1), np.int32), np.zeros(1, np.int32), noise_table(counts)
+
+
 def build_vocab(counts: dict[str, int], min_count: int) -> tuple[list[str], np.ndarray]:
     """Words seen at least ``min_count`` times, by descending count (ties alphabetical), with their counts."""
     kept = sorted(((w, c) for w, c in counts.items() if c >= min_count), key=lambda wc: (-wc[1], wc[0]))
@@ -622,11 +630,7 @@ def train(sentences: Sequence[Sequence[str]] | None = None, settings: Word2VecSe
     syn0 = ((rng.random((len(words), settings.dim), dtype=np.float32) - 0.5) / settings.dim).astype(np.float32)
     syn1 = np.zeros((max(len(words) - 1, 1) if settings.hs else len(words), settings.dim), np.float32)
     model = Word2VecModel(list(words), np.asarray(freq), syn0, syn1, settings)
-    if settings.hs:
-        (codes, points, lengths), table = huffman_tree(freq), np.zeros(1, np.int32)
-    else:
-        codes, points, lengths = np.zeros((1, 1), np.uint8), np.zeros((1, 1), np.int32), np.zeros(1, np.int32)
-        table = noise_table(freq)
+    codes, points, lengths, table = output_tables(freq, settings.hs)
     tables = (keep_probabilities(freq, settings.sample), table, codes, points, lengths)
     if settings.engine not in ENGINES:
         raise ValueError(f"word2vec: unknown engine {settings.engine!r}; engines: {', '.join(ENGINES)}")

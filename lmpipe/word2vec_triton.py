@@ -157,6 +157,13 @@ def launch(ids: torch.Tensor, kstarts: torch.Tensor, starts: torch.Tensor, first
     return out
 
 
+def device_tables(codes: np.ndarray, points: np.ndarray, lengths: np.ndarray, table: np.ndarray,
+                  device: torch.device | str) -> dict[str, torch.Tensor]:
+    """The output tables (:func:`lmpipe.word2vec.output_tables`) on ``device``, as :func:`launch` takes them."""
+    arrays = {"codes": codes, "points": points, "lengths": lengths, "table": table}
+    return {name: torch.from_numpy(a).to(device) for name, a in arrays.items()}
+
+
 def subsample(ids: torch.Tensor, sent: torch.Tensor, keep: torch.Tensor, n_sentences: int,
               gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """One epoch's kept words (word2vec.c's subsampling) and the sentence starts in that list."""
@@ -173,8 +180,7 @@ def train(model: "word2vec.Word2VecModel", ids: np.ndarray, starts: np.ndarray, 
     s = model.settings
     dev = torch.device(s.device)
     keep, table, codes, points, lengths = tables
-    t = {"table": torch.from_numpy(table).to(dev), "codes": torch.from_numpy(codes).to(dev),
-         "points": torch.from_numpy(points).to(dev), "lengths": torch.from_numpy(lengths).to(dev)}
+    t = device_tables(codes, points, lengths, table, dev)
     syn0, syn1 = torch.from_numpy(model.syn0).to(dev), torch.from_numpy(model.syn1).to(dev)
     n_sent = len(starts) - 1
     ids_t = torch.from_numpy(ids).to(dev)

@@ -50,16 +50,10 @@ ids, starts = w2v.encode_corpus(sents, {w: i for i, w in enumerate(words)})
 result = {"kernel": {}}
 
 
-def tables(hs):
-    if hs:
-        return (*w2v.huffman_tree(freq), np.zeros(1, np.int32))
-    return np.zeros((1, 1), np.uint8), np.zeros((1, 1), np.int32), np.zeros(1, np.int32), w2v.noise_table(freq)
-
-
 # 1. one kernel call, one chunk: the same updates as the numba kernel, for every variant
 for sg, hs in ((True, False), (False, False), (True, True), (False, True)):
     s = w2v.Word2VecSettings(sg=sg, hs=hs, dim=12, window=3, negative=3, sample=0.0, min_count=1)
-    codes, points, lengths, table = tables(hs)
+    codes, points, lengths, table = w2v.output_tables(freq, hs)
     r = np.random.default_rng(1)
     syn0 = ((r.random((len(words), 12), dtype=np.float32) - 0.5) / 12).astype(np.float32)
     syn1 = (r.random((len(words), 12), dtype=np.float32) * 0.1).astype(np.float32)
@@ -69,8 +63,7 @@ for sg, hs in ((True, False), (False, False), (True, True), (False, True)):
                             points, lengths, table, sg, True, 3, 3, hs, s.start_alpha,
                             s.start_alpha * s.min_alpha_ratio, 1000, 5)
     b0, b1 = torch.from_numpy(syn0.copy()), torch.from_numpy(syn1.copy())
-    t = {"table": torch.from_numpy(table), "codes": torch.from_numpy(codes), "points": torch.from_numpy(points),
-         "lengths": torch.from_numpy(lengths)}
+    t = wt.device_tables(codes, points, lengths, table, "cpu")
     st = torch.from_numpy(starts)
     got = wt.launch(torch.from_numpy(ids), st, st, torch.from_numpy(first), torch.from_numpy(end),
                     torch.from_numpy(before), t, b0, b1, s, 1000, 5)
@@ -86,7 +79,7 @@ s = w2v.Word2VecSettings(dim=10, window=2, negative=2, sample=0.0, min_count=1, 
 reports = []
 model = w2v.train(sents, s, progress=reports.append)
 ref = w2v.train(sents, w2v.Word2VecSettings(**{**s.__dict__, "epochs": 0}))
-codes, points, lengths, table = tables(False)
+codes, points, lengths, table = w2v.output_tables(freq, False)
 schedule = w2v.Schedule(starts, max(1, int(starts[-1]) // (2 * wt.LAUNCHES_PER_EPOCH)), 2, 2)
 examples = 0.0
 for epoch in range(2):
