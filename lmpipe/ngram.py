@@ -5,7 +5,10 @@ one ``</s>`` after each sentence (KenLM/SRILM conventions: ``</s>`` and ``<unk>`
 context only). V, the number of types a model predicts, counts the words, ``</s>`` and ``<unk>``.
 
 Counting happens in DuckDB (:mod:`lmpipe.ngram_count`); estimation is SQL over those counts, so the
-small-corpus :func:`fit` (an in-memory DuckDB) and the stage (the warehouse) run the same code. Every
+small-corpus :func:`fit` (an in-memory DuckDB) and the stage (the warehouse) run the same code. Kneser-Ney
+has a second engine (:mod:`lmpipe.ngram_sorted`) that sorts each order's counts once and needs no joins;
+it gives the same numbers, faster, and is used whenever its arrays fit DuckDB's memory limit (``engine``
+of :func:`estimate` and :func:`estimate_arpa`). Every
 method but add-k is estimated in back-off form, the form ARPA files store: a stored n-gram h·w has
 its probability p(w|h), any other falls back as p(w|h) = bow(h) · p(w|h') with h' = h minus its
 first word, and bow(h) = 1 for a context never seen. Smoothing methods (Chen & Goodman 1998,
@@ -43,7 +46,7 @@ import duckdb
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from lmpipe import ngram_count, warehouse, wordtok
+from lmpipe import ngram_count, ngram_sorted, warehouse, wordtok
 from lmpipe.arpa import ArpaWriter
 from lmpipe.config import NgramConfig
 from lmpipe.scoring import TextScore, make_score
@@ -52,6 +55,7 @@ from lmpipe.wordtok import BOS_ID, EOS, EOS_ID, UNK_ID, Vocabulary
 from lmpipe.workspace import Workspace
 
 METHODS = ("mle", "addk", "katz", "stupid", "jm", "kn")
+ENGINES = ("auto", "sql", "sorted")
 NORMALISED = ("mle", "addk", "katz", "jm", "kn")
 KN_FALLBACK = (0.5, 1.0, 1.5)  # KenLM's --discount_fallback defaults
 LOG2_10 = math.log2(10)
@@ -123,9 +127,7 @@ class NgramTable:
     @classmethod
     def build(cls, hi: np.ndarray, lo: np.ndarray, order: int, bits: int, keep_ngrams: bool = True,
               **values: np.ndarray) -> NgramTable:
-        keys = table_keys(hi, lo)
-        perm = np.argsort(keys)
-        keys = keys[perm]
+        keys, perm = ngram_sorted.argsort_keys(table_keys(hi, lo))
         if len(keys) > 1 and (keys[1:] == keys[:-1]).any():
             raise ValueError("64-bit n-gram key collision; please report this corpus")
         vals = {k: np.asarray(v)[perm] for k, v in values.items()}
@@ -582,14 +584,78 @@ def _build(counts: Counts, order: int, method: str, alpha: float, lambdas: Seque
     return e, _mle_like(e, "0.0" if method == "mle" else repr(alpha))
 
 
+_UNITS = {"B": 1, "bytes": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40, "PiB": 1 << 50,
+          "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "PB": 10**15}
+_DUCKDB_FLOOR = 128 << 20  # what DuckDB keeps to stream the count tables while the sorted engine runs
+
+
+def _memory_limit(con: duckdb.DuckDBPyConnection, middle: bool = False) -> int:
+    """DuckDB's memory limit in bytes. DuckDB reports it rounded down to a tenth of its unit (``1.3 GiB``
+    for 1500 MB); ``middle`` adds half of that step, the value that reads back as the same text."""
+    value, unit = con.sql("SELECT current_setting('memory_limit')").fetchall()[0][0].split()
+    return int((float(value) + (0.05 if middle else 0.0)) * _UNITS[unit])
+
+
+def _sorted_engine(counts: Counts, order: int, method: str, engine: str) -> bool:
+    """Whether to estimate with :mod:`lmpipe.ngram_sorted`: Kneser-Ney only; ``auto`` when its arrays and
+    DuckDB's streaming floor fit DuckDB's memory limit, so one limit bounds the whole process."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; engines: {', '.join(ENGINES)}")
+    if engine == "sql" or method != "kn":
+        if engine == "sorted":
+            raise ValueError(f"the sorted engine estimates Kneser-Ney only, not {method}")
+        return False
+    if not ngram_sorted.fits(counts, order):
+        if engine == "sorted":
+            raise ValueError(f"{order}-gram keys of {counts.bits} bits leave too few bits for the counts; use "
+                             "engine='sql'")
+        return False
+    need = ngram_sorted.memory_needed(counts.ngrams, order)
+    return engine == "sorted" or need + _DUCKDB_FLOOR <= _memory_limit(counts.con)
+
+
+class _MemoryShare:
+    """Lowers DuckDB's memory limit by ``need`` bytes for the block (the sorted engine holds them outside
+    DuckDB), so that the limit the user set still bounds the process: without this, DuckDB keeps the count
+    tables it streamed cached up to its limit (whole 100 MB corpus: 2.74 GB peak instead of 2.15 GB).
+    DuckDB tells its limit only to a tenth of a unit, so the limit comes back within 0.05 GiB (for a limit
+    in GiB) of the one set, and unchanged by further rounds."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, need: int) -> None:
+        self.con, self.need = con, need
+
+    def __enter__(self) -> None:
+        self.saved = _memory_limit(self.con, middle=True)
+        left = max(_memory_limit(self.con) - self.need, _DUCKDB_FLOOR)
+        self.con.execute(f"SET memory_limit = '{left >> 20}MiB'")
+
+    def __exit__(self, *exc: object) -> None:
+        self.con.execute(f"SET memory_limit = '{self.saved}B'")
+
+
+def _kn_sorted(counts: Counts, order: int, notes: dict[str, float]) -> Iterator[tuple]:
+    """:func:`lmpipe.ngram_sorted.kn_sections` with DuckDB's memory limit shared (see :class:`_MemoryShare`)."""
+    with _MemoryShare(counts.con, ngram_sorted.memory_needed(counts.ngrams, order)):
+        yield from ngram_sorted.kn_sections(counts, order, notes)
+
+
 def estimate(counts: Counts, order: int, method: str, *, k: float = 1.0, alpha: float = 0.4,
-             lambdas: Sequence[float] | None = None, keep_ngrams: bool = True) -> NgramModel:
+             lambdas: Sequence[float] | None = None, keep_ngrams: bool = True, engine: str = "auto") -> NgramModel:
     """A model of ``order`` (at most ``counts.order``) from ``counts``; see the module docstring.
 
     ``keep_ngrams=False`` keeps only what scoring needs (no ARPA export from the model), about half the memory.
+    ``engine``: ``sql``, ``sorted`` (Kneser-Ney only) or ``auto`` (sorted where its arrays fit DuckDB's limit).
     """
     if method == "addk":
         return _addk(counts, order, k)
+    if _sorted_engine(counts, order, method, engine):
+        notes: dict[str, float] = {}
+        tables = [NgramTable.build(hi, lo, j, counts.bits, keep_ngrams, logp=logp,
+                                   bow=bow if bow is not None else np.zeros(len(lo), np.float32))
+                  for j, hi, lo, logp, bow in _kn_sorted(counts, order, notes)]
+        model = BackoffModel(order, counts.vocab, tables, method)
+        model.notes.update(notes)
+        return model
     e, steps = _build(counts, order, method, alpha, lambdas)
     try:
         for _ in steps:
@@ -604,15 +670,26 @@ def estimate(counts: Counts, order: int, method: str, *, k: float = 1.0, alpha: 
 
 
 def estimate_arpa(counts: Counts, order: int, method: str, path: Path, *,
-                  lambdas: Sequence[float] | None = None) -> dict[str, float]:
-    """Estimate in SQL and stream the model to an ARPA file without loading it (what KenLM's lmplz does).
+                  lambdas: Sequence[float] | None = None, engine: str = "auto") -> dict[str, float]:
+    """Estimate and stream the model to an ARPA file without loading it (what KenLM's lmplz does).
 
     For the back-off-representable methods (mle, katz, jm, kn); returns the estimation notes. Each section
-    is written as soon as its order's probabilities and back-off weights exist, and the tables that only it
-    needed are dropped then, so the top orders' joins run with less of the buffer pool taken.
+    is written as soon as its order's probabilities and back-off weights exist, and what only it needed is
+    dropped then (in SQL, the top orders' joins then run with less of the buffer pool taken). ``engine``
+    as in :func:`estimate`.
     """
     if method not in ("mle", "katz", "jm", "kn"):
         raise ValueError(f"{method} has no direct ARPA export (add-k: addk_to_backoff; stupid back-off: none)")
+    sizes = [len(counts.vocab), *(counts.ngrams[k] for k in range(2, order + 1))]  # one line per type, per n-gram
+    if _sorted_engine(counts, order, method, engine):
+        notes: dict[str, float] = {}
+        with ArpaWriter(path, counts.vocab.words, sizes) as out:
+            for k, hi, lo, logp, bow in _kn_sorted(counts, order, notes):
+                out.section(k)
+                for s in range(0, len(lo), _ARPA_BATCH):
+                    out.write(hi[s:s + _ARPA_BATCH], lo[s:s + _ARPA_BATCH], logp[s:s + _ARPA_BATCH],
+                              None if bow is None else bow[s:s + _ARPA_BATCH])
+        return notes
     e, steps = _build(counts, order, method, 0.4, lambdas)
 
     def section(out: ArpaWriter, k: int) -> None:
@@ -622,7 +699,6 @@ def estimate_arpa(counts: Counts, order: int, method: str, path: Path, *,
         out.write_batches(k, counts.con.sql(query).to_arrow_reader(_ARPA_BATCH))
 
     try:
-        sizes = [len(counts.vocab), *(counts.ngrams[k] for k in range(2, order + 1))]  # one line per type, per n-gram
         with ArpaWriter(path, counts.vocab.words, sizes) as out:
             for k in steps:  # order k's tables exist, and with them order k - 1's back-off weights
                 if k > 1:
