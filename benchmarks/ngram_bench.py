@@ -2,8 +2,9 @@
 
 Measures, at two corpus sizes (a prefix of the file and the whole file), each in a fresh process so
 that peak memory is per size, what KenLM's ``lmplz`` does: tokenize + vocabulary, counting with
-continuation counts, discounts, probabilities and back-off weights, and the ARPA file, all streamed
-through DuckDB under its memory limit. Then, like KenLM's ``query``, it loads the model into memory
+continuation counts, discounts, probabilities and back-off weights, and the ARPA file, all under
+DuckDB's memory limit (``--engine``: Kneser-Ney by sorted arrays where they fit the limit, else in SQL,
+which spills). Then, like KenLM's ``query``, it loads the model into memory
 (lookup tables) and scores held-out text. The reference point is ``lmplz`` on the same machine (about
 590,000 tokens/s and 2.5 GB peak for a 5-gram on 18M tokens).
 
@@ -77,7 +78,7 @@ def _source_sql(corpus: Path) -> str:
             "escape = '', columns = {'column0': 'VARCHAR'})")
 
 
-def run_one(corpus: Path, order: int, memory_limit: str, heldout: Path, workdir: Path) -> dict:
+def run_one(corpus: Path, order: int, memory_limit: str, heldout: Path, workdir: Path, engine: str) -> dict:
     """One measurement in this process (call it in a fresh one for a meaningful peak RSS)."""
     from lmpipe import ngram, ngram_count
 
@@ -99,7 +100,8 @@ def run_one(corpus: Path, order: int, memory_limit: str, heldout: Path, workdir:
     out["count_s"] = time.perf_counter() - t1
     t2 = time.perf_counter()
     arpa = workdir / "model.arpa"
-    ngram.estimate_arpa(counts, order, "kn", arpa)  # discounts, probabilities, back-off weights, ARPA file
+    out["engine"] = "sorted" if ngram._sorted_engine(counts, order, "kn", engine) else "sql"
+    ngram.estimate_arpa(counts, order, "kn", arpa, engine=engine)  # discounts, probabilities, back-off weights, ARPA
     out["estimate_arpa_s"] = time.perf_counter() - t2
     out["total_s"] = time.perf_counter() - t0
     out["cpu_s"] = time.process_time() - c0
@@ -109,7 +111,8 @@ def run_one(corpus: Path, order: int, memory_limit: str, heldout: Path, workdir:
     out["vocab"] = len(vocab)
     out.update({f"ngrams_{k}": n for k, n in counts.ngrams.items()})
     t3 = time.perf_counter()
-    model = ngram.estimate(counts, order, "kn", keep_ngrams=False)  # the in-memory lookup tables used for scoring
+    # the in-memory lookup tables used for scoring
+    model = ngram.estimate(counts, order, "kn", keep_ngrams=False, engine=engine)
     out["load_model_s"] = time.perf_counter() - t3
     ids = [model.encode(ngram.wordtok.tokenize(t)) for t in heldout_texts]
     t4 = time.perf_counter()
@@ -126,6 +129,8 @@ def main() -> None:
     parser.add_argument("--order", type=int, default=5)
     parser.add_argument("--fractions", default="0.25,1.0", help="corpus sizes as fractions of the file")
     parser.add_argument("--memory-limit", default="1500MB", help="DuckDB memory limit (it spills beyond it)")
+    parser.add_argument("--engine", default="auto", choices=["auto", "sql", "sorted"],
+                        help="Kneser-Ney engine (auto: sorted where its arrays fit the memory limit)")
     parser.add_argument("--heldout", type=Path, help="text scored for throughput (default: the corpus's .valid.txt "
                         "sibling, else its last 5,000 lines)")
     parser.add_argument("--lmplz", type=Path, help="KenLM's lmplz binary: also run it on the same tokens")
@@ -135,7 +140,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.one:
         with tempfile.TemporaryDirectory() as tmp:
-            print(json.dumps(run_one(args.corpus, args.order, args.memory_limit, args.heldout, Path(tmp))))
+            print(json.dumps(run_one(args.corpus, args.order, args.memory_limit, args.heldout, Path(tmp),
+                                     args.engine)))
         return
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -147,11 +153,12 @@ def main() -> None:
         for fraction in (float(f) for f in args.fractions.split(",")):
             part = _prefix_file(args.corpus, int(args.corpus.stat().st_size * fraction), Path(tmp) / "part.txt")
             cmd = [sys.executable, __file__, str(part), "--one", "--order", str(args.order),
-                   "--memory-limit", args.memory_limit, "--heldout", str(heldout)]
+                   "--memory-limit", args.memory_limit, "--heldout", str(heldout), "--engine", args.engine]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=True, env=os.environ.copy())
             row = {"fraction": fraction, **json.loads(proc.stdout.strip().splitlines()[-1])}
             results.append(row)
-            print(f"{fraction:>5.2f} of file | {row['bytes'] / 1e6:7.1f} MB | {row['tokens'] / 1e6:6.2f} M tokens | "
+            print(f"{fraction:>5.2f} of file | {row['engine']:>6} | {row['bytes'] / 1e6:7.1f} MB | "
+                  f"{row['tokens'] / 1e6:6.2f} M tokens | "
                   f"text to ARPA {row['total_s']:6.1f} s ({row['tokenize_s']:.1f} tokenize, {row['count_s']:.1f} "
                   f"count, {row['estimate_arpa_s']:.1f} KN + ARPA) | {row['tokens_per_s'] / 1e3:6.0f} k tok/s | "
                   f"peak {row['peak_rss_mb']:6.0f} MB | load {row['load_model_s']:.1f} s, score "

@@ -116,7 +116,8 @@ class NgramConfig:
     prompts: tuple[str, ...] = knob(("The", "Return the", "If the"), "Prompts to sample continuations from.")
     sample_tokens: int = knob(30, "Tokens generated per prompt (fewer if </s> comes first).")
     seed: int = knob(0, "Seed of the sampler.")
-    memory_limit: str = knob("2GB", "DuckDB memory limit while counting (it spills to disk beyond it); empty: none.")
+    memory_limit: str = knob("2GB", "Memory limit of counting and estimation: DuckDB spills to disk beyond it, and "
+                                    "Kneser-Ney uses its sorted engine only where its arrays fit; empty: none.")
 
     def __post_init__(self) -> None:
         if not self.orders or not all(1 <= o <= 9 for o in self.orders):
