@@ -504,6 +504,7 @@ def _kn_gamma(d: Sequence[float], n1: str, n2: str, n3: str, total: str) -> str:
 
 def _kn(e: _Estimator) -> Iterator[int]:
     v = e.c.vocab.n_predictable
+    e.notes["kn_sorted_engine"] = 0.0
     for k in range(1, e.order + 1):
         x = e.x(k)
         (d1, d2, d3), fell_back = kn_discounts(_count_of_counts(e.c, k, x, 4))
@@ -635,6 +636,7 @@ class _MemoryShare:
 
 def _kn_sorted(counts: Counts, order: int, notes: dict[str, float]) -> Iterator[tuple]:
     """:func:`lmpipe.ngram_sorted.kn_sections` with DuckDB's memory limit shared (see :class:`_MemoryShare`)."""
+    notes["kn_sorted_engine"] = 1.0  # logged with the discounts: which engine a run used
     with _MemoryShare(counts.con, ngram_sorted.memory_needed(counts.ngrams, order)):
         yield from ngram_sorted.kn_sections(counts, order, notes)
 
