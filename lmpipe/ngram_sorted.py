@@ -23,12 +23,16 @@ says how much, and the caller keeps the SQL estimator, which spills, for counts 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numba import njit, prange
 
 from lmpipe import ngram_count
 from lmpipe.wordtok import BOS_ID
+
+if TYPE_CHECKING:
+    from lmpipe.ngram import Counts
 
 _DIGIT = 11  # radix sort digit width: 2,048 buckets, whose counters stay in the L1 cache
 _U64 = np.uint64
@@ -209,14 +213,27 @@ def _children(parent: np.ndarray, m: int) -> np.ndarray:
     return out
 
 
+@njit(cache=True, nogil=True)
+def _count_of_counts_kernel(x: np.ndarray, top: int) -> np.ndarray:
+    n = np.zeros(top + 1, np.int64)
+    for v in x:
+        if 1 <= v <= top:
+            n[v] += 1
+    return n
+
+
 def _count_of_counts(x: np.ndarray, top: int = 4) -> list[int]:
-    counts = np.bincount(np.minimum(x, top + 1), minlength=top + 2)
-    return [int(v) for v in counts[1:top + 1]]
+    """n_1..n_top: how many entries of ``x`` equal 1, 2, ..., top (no temporary arrays of x's size)."""
+    return [int(v) for v in _count_of_counts_kernel(x, top)[1:]]
 
 
+@njit(cache=True, parallel=True, nogil=True)
 def _log10(v: np.ndarray) -> np.ndarray:
-    with np.errstate(divide="ignore"):
-        return np.log10(v).astype(np.float32)
+    """float32 log10 of a float64 array, rounded once from the float64 logarithm (log10 0 = -inf)."""
+    out = np.empty(len(v), np.float32)
+    for i in prange(len(v)):
+        out[i] = np.float32(np.log10(v[i])) if v[i] > 0 else -np.inf
+    return out
 
 
 def _payload_shift(key_bits: int) -> int:
@@ -224,7 +241,7 @@ def _payload_shift(key_bits: int) -> int:
     return max(key_bits - 64, 0)
 
 
-def fits(counts, order: int) -> bool:
+def fits(counts: Counts, order: int) -> bool:
     """Whether every count of ``counts`` fits the bits its order's keys leave free (:func:`kn_sections`
     carries each count in them through the sort): no count exceeds the largest unigram count."""
     top = counts.con.sql(f"SELECT coalesce(max(c), 0) FROM {counts.prefix}_c1").fetchall()[0][0]
@@ -258,8 +275,8 @@ def _unpack_counts(hi: np.ndarray, key_bits: int) -> tuple[np.ndarray, np.ndarra
     return x, hi
 
 
-def kn_sections(counts, order: int, notes: dict[str, float]) -> Iterator[tuple[int, np.ndarray, np.ndarray,
-                                                                                 np.ndarray, np.ndarray | None]]:
+def kn_sections(counts: Counts, order: int, notes: dict[str, float]
+                ) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]]:
     """The interpolated modified Kneser-Ney model of ``order`` from ``counts`` (:class:`lmpipe.ngram.Counts`),
     one order at a time: yields ``(k, hi, lo, log10 p, log10 bow)`` for k = 1..order (no back-off weights at
     the top order), order k as soon as order k + 1 has given its contexts' γ. The unigrams are every type
