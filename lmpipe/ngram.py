@@ -626,12 +626,16 @@ class _MemoryShare:
         self.con, self.need = con, need
 
     def __enter__(self) -> None:
-        self.saved = _memory_limit(self.con, middle=True)
+        self.saved: int | None = _memory_limit(self.con, middle=True)
         left = max(_memory_limit(self.con) - self.need, _DUCKDB_FLOOR)
-        self.con.execute(f"SET memory_limit = '{left >> 20}MiB'")
+        try:
+            self.con.execute(f"SET memory_limit = '{left >> 20}MiB'")
+        except duckdb.Error:  # DuckDB could not evict enough (nowhere to spill): go on at the user's limit
+            self.saved = None
 
     def __exit__(self, *exc: object) -> None:
-        self.con.execute(f"SET memory_limit = '{self.saved}B'")
+        if self.saved is not None:
+            self.con.execute(f"SET memory_limit = '{self.saved}B'")
 
 
 def _kn_sorted(counts: Counts, order: int, notes: dict[str, float]) -> Iterator[tuple]:

@@ -141,3 +141,30 @@ def test_vocabulary_with_unseen_words_keeps_every_type(tmp_path):
     assert model.prob("never1") > 0 and model.prob("<s>") == 0
     assert sum(model.next_word_distribution(["w0", "w1"]).values()) == pytest.approx(1.0, abs=1e-5)
     counts.con.close()
+
+
+def test_memory_share_goes_on_when_duckdb_cannot_lower_its_limit():
+    """Where DuckDB cannot evict enough to meet the lower limit, the estimate runs at the user's limit."""
+    import duckdb
+
+    class Refusing:
+        def __init__(self, con):
+            self.con, self.sets = con, []
+
+        def sql(self, query):
+            return self.con.sql(query)
+
+        def execute(self, query):
+            self.sets.append(query)
+            if len(self.sets) == 1:
+                raise duckdb.OutOfMemoryException("could not free up enough memory")
+            return self.con.execute(query)
+
+    con = duckdb.connect()
+    con.execute("SET memory_limit = '2GB'")
+    before = ngram._memory_limit(con)
+    refusing = Refusing(con)
+    with ngram._MemoryShare(refusing, 1 << 30):
+        assert ngram._memory_limit(con) == before
+    assert len(refusing.sets) == 1 and ngram._memory_limit(con) == before  # nothing to restore
+    con.close()
