@@ -168,3 +168,16 @@ def test_memory_share_goes_on_when_duckdb_cannot_lower_its_limit():
         assert ngram._memory_limit(con) == before
     assert len(refusing.sets) == 1 and ngram._memory_limit(con) == before  # nothing to restore
     con.close()
+
+
+@pytest.mark.parametrize("corpus", [[[], []], [["a"], []]])
+def test_orders_without_ngrams(corpus):
+    """Empty sentences leave the higher orders with no n-grams at all: both engines still agree."""
+    counts = ngram.count(corpus, 4)
+    assert counts.ngrams[4] == 0
+    sql, fast = (ngram.estimate(counts, 4, "kn", engine=e) for e in ("sql", "sorted"))
+    for a, b in zip(_tables(fast), _tables(sql), strict=True):
+        for name in ("keys", "logp", "bow"):
+            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert sum(fast.next_word_distribution(["<s>"]).values()) == pytest.approx(1.0, abs=1e-5)
+    counts.con.close()
