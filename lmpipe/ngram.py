@@ -695,6 +695,7 @@ def estimate_arpa(counts: Counts, order: int, method: str, path: Path, *,
                 for s in range(0, len(lo), _ARPA_BATCH):
                     out.write(hi[s:s + _ARPA_BATCH], lo[s:s + _ARPA_BATCH], logp[s:s + _ARPA_BATCH],
                               None if bow is None else bow[s:s + _ARPA_BATCH])
+                del hi, lo, logp, bow  # written: free the section before the next order is estimated
         return notes
     e, steps = _build(counts, order, method, 0.4, lambdas)
 

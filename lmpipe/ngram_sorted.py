@@ -270,7 +270,7 @@ def _fetch(con, table: str, column: str, k: int, bits: int, n: int) -> tuple[np.
 def _unpack_counts(hi: np.ndarray, key_bits: int) -> tuple[np.ndarray, np.ndarray]:
     """(counts, key high halves) from the sorted high halves that carry both; reuses ``hi``."""
     shift = _payload_shift(key_bits)
-    x = (hi >> _U64(shift)).astype(np.int64)
+    x = (hi >> _U64(shift)).view(np.int64)  # counts are far below 2**63: the same bits, no second copy
     hi &= _U64((1 << shift) - 1)
     return x, hi
 
