@@ -160,7 +160,7 @@ def huffman_tree(counts: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndar
 
 def output_tables(counts: np.ndarray, hs: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """What the output layer looks up: (codes, points, lengths) of the Huffman tree for hierarchical softmax,
-    or the noise table for negative sampling; the side not used is a placeholder of size 1."""
+    or the noise table for negative sampling; the side not used is a size-1 array the kernel never reads."""
     if hs:
         return (*huffman_tree(counts), np.zeros(1, np.int32))
     return np.zeros((1, 1), np.uint8), np.zeros((1, 1), np.int32), np.zeros(1, np.int32), noise_table(counts)
