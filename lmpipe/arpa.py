@@ -263,6 +263,13 @@ class ArpaWriter:
                 bow = batch.column("bow").to_numpy(zero_copy_only=False) if "bow" in names else None
                 self.write(*cols, bow)
 
+    def write_arrays(self, k: int, hi: np.ndarray, lo: np.ndarray, logp: np.ndarray, bow: np.ndarray | None,
+                     batch: int = 1 << 18) -> None:
+        """A whole section from in-memory arrays, formatted ``batch`` rows at a time (bounded text buffers)."""
+        self.section(k)
+        for s in range(0, len(lo), batch):
+            self.write(hi[s:s + batch], lo[s:s + batch], logp[s:s + batch], None if bow is None else bow[s:s + batch])
+
     def _check_complete(self) -> None:
         if self.order and self.written != self.counts[self.order - 1]:
             raise ValueError(f"ARPA section {self.order}: the header says {self.counts[self.order - 1]} "

@@ -602,17 +602,17 @@ def _sorted_engine(counts: Counts, order: int, method: str, engine: str) -> bool
     DuckDB's streaming floor fit DuckDB's memory limit, so one limit bounds the whole process."""
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; engines: {', '.join(ENGINES)}")
+    if engine == "sorted" and method != "kn":
+        raise ValueError(f"the sorted engine estimates Kneser-Ney only, not {method}")
     if engine == "sql" or method != "kn":
-        if engine == "sorted":
-            raise ValueError(f"the sorted engine estimates Kneser-Ney only, not {method}")
         return False
     if not ngram_sorted.fits(counts, order):
         if engine == "sorted":
             raise ValueError(f"{order}-gram keys of {counts.bits} bits leave too few bits for the counts; use "
                              "engine='sql'")
         return False
-    need = ngram_sorted.memory_needed(counts.ngrams, order)
-    return engine == "sorted" or need + _DUCKDB_FLOOR <= _memory_limit(counts.con)
+    return engine == "sorted" or (ngram_sorted.memory_needed(counts.ngrams, order) + _DUCKDB_FLOOR
+                                  <= _memory_limit(counts.con))
 
 
 class _MemoryShare:
@@ -691,10 +691,7 @@ def estimate_arpa(counts: Counts, order: int, method: str, path: Path, *,
         notes: dict[str, float] = {}
         with ArpaWriter(path, counts.vocab.words, sizes) as out:
             for k, hi, lo, logp, bow in _kn_sorted(counts, order, notes):
-                out.section(k)
-                for s in range(0, len(lo), _ARPA_BATCH):
-                    out.write(hi[s:s + _ARPA_BATCH], lo[s:s + _ARPA_BATCH], logp[s:s + _ARPA_BATCH],
-                              None if bow is None else bow[s:s + _ARPA_BATCH])
+                out.write_arrays(k, hi, lo, logp, bow, _ARPA_BATCH)
                 del hi, lo, logp, bow  # written: free the section before the next order is estimated
         return notes
     e, steps = _build(counts, order, method, 0.4, lambdas)
