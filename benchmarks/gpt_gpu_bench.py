@@ -6,29 +6,56 @@ AdamW) through :class:`lmpipe.trainer.Trainer`, queued without a host sync betwe
 ``Trainer.fit`` queues them. Prints one line per variant: tokens/s, MFU against
 the given peak (800 TFLOP/s, a measured H100 bf16 matmul peak, by default) and peak memory.
 
-    python benchmarks/gpt_gpu_bench.py [--batch 16,32] [--steps 30] [--rounds 1] [--variants compiled,eager]
+Two more choices can be compared, each a comma-separated list: ``--loss-chunk`` (0: all the logits, then the
+cross-entropy; N: the fused LM head + cross-entropy in chunks of N tokens) and ``--sdpa`` (the attention
+kernel: ``default`` lets PyTorch choose; ``cudnn``, ``flash`` or ``efficient`` allow only that one). Each line
+names the attention kernel that PyTorch picks for the model's shape.
+
+    python benchmarks/gpt_gpu_bench.py [--batch 16,32] [--steps 30] [--rounds 1] [--variants compiled,eager] \
+        [--loss-chunk 0,8192] [--sdpa default,cudnn]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import sys
 import time
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lmpipe.gpt import GPT, GPTConfig
 from lmpipe.trainer import Trainer, TrainSettings
 
 
-def loss_fn(model, rows):
-    _, value = model(rows[:, :-1], rows[:, 1:])
-    return value, rows[:, :-1].numel()
+SDPA = {"default": None, "cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION}
 
 
-def bench(compiled: bool, batch: int, args: argparse.Namespace) -> str:
+def attention_kernel(batch: int, cfg: GPTConfig) -> str:
+    """The backend PyTorch's dispatcher picks for the model's causal attention at this batch, in bf16."""
+    q = torch.empty(batch, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head, device="cuda", dtype=torch.bfloat16)
+    choice = torch._fused_sdp_choice(q, q, q, is_causal=True)
+    return next((name for name, b in SDPBackend.__members__.items() if b.value == choice), str(choice)).lower()
+
+
+def bench(compiled: bool, batch: int, chunk: int, sdpa: str, args: argparse.Namespace) -> str:
     torch.manual_seed(0)
+    torch._dynamo.reset()  # the attention kernel is chosen when a graph is traced: trace each variant afresh
     cfg = GPTConfig(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768)
+    with sdpa_kernel([SDPA[sdpa]]) if SDPA[sdpa] else contextlib.nullcontext():
+        kernel = attention_kernel(batch, cfg)
+        return kernel_bench(compiled, batch, chunk, cfg, f"{sdpa} ({kernel})", args)
+
+
+def kernel_bench(compiled: bool, batch: int, chunk: int, cfg: GPTConfig, attention: str,
+                 args: argparse.Namespace) -> str:
+    def loss_fn(model, rows):
+        _, value = model(rows[:, :-1], rows[:, 1:], loss_chunk=chunk)
+        return value, rows[:, :-1].numel()
+
     model = GPT(cfg)
     settings = TrainSettings(max_steps=10**6, warmup_steps=0, device="cuda", dtype="bfloat16", compile=compiled,
                              compile_mode=args.compile_mode)
@@ -55,6 +82,7 @@ def bench(compiled: bool, batch: int, args: argparse.Namespace) -> str:
     del trainer, model, data
     torch.cuda.empty_cache()
     return (f"gpt gpu | {args.compile_mode if compiled else 'eager':8} | 12x768 h12 ctx1024 V50304 b{batch} bf16 | "
+            f"loss {'fused, chunks of ' + str(chunk) if chunk else 'plain'} | attention {attention} | "
             f"{tok_s:,.0f} tokens/s | MFU {100 * mfu:.1f}% of {args.peak_tflops:g} TFLOP/s | "
             f"peak mem {peak_gib:.1f} GiB | {1000 * seconds / args.steps:.0f} ms/step | warmup {warmup_s:.0f} s | "
             + (f"rounds {', '.join(f'{x:,.0f}' for x in per_round)} (best {max(per_round):,.0f}) | "
@@ -73,6 +101,8 @@ def main() -> None:
                    help="let inductor tune its generated kernels' launch parameters (longer compile)")
     p.add_argument("--peak-tflops", type=float, default=800.0, help="bf16 peak for MFU")
     p.add_argument("--variants", default="compiled,eager", help="comma-separated: compiled, eager")
+    p.add_argument("--loss-chunk", default="0", help="comma-separated: 0 (plain loss) or fused-loss chunk sizes")
+    p.add_argument("--sdpa", default="default", help=f"comma-separated attention kernels: {', '.join(SDPA)}")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("gpt_gpu_bench: no CUDA device is available (this benchmark needs an NVIDIA GPU)")
@@ -84,11 +114,19 @@ def main() -> None:
         import torch._inductor.config as inductor_config
 
         inductor_config.coordinate_descent_tuning = True
-    for variant in args.variants.split(","):
-        if variant not in ("compiled", "eager"):
-            sys.exit(f"gpt_gpu_bench: unknown variant {variant!r} (compiled, eager)")
-        for batch in (int(b) for b in args.batch.split(",")):
-            print(bench(variant == "compiled", batch, args), flush=True)
+    variants, sdpas = args.variants.split(","), args.sdpa.split(",")
+    for name, allowed, given in (("variant", ("compiled", "eager"), variants), ("sdpa", tuple(SDPA), sdpas)):
+        if unknown := sorted(set(given) - set(allowed)):
+            sys.exit(f"gpt_gpu_bench: unknown {name} {', '.join(unknown)} (known: {', '.join(allowed)})")
+    chunks = [int(c) for c in args.loss_chunk.split(",")]
+    batches = [int(b) for b in args.batch.split(",")]
+    for variant, sdpa, chunk, batch in itertools.product(variants, sdpas, chunks, batches):
+        try:
+            print(bench(variant == "compiled", batch, chunk, sdpa, args), flush=True)
+        except RuntimeError as e:  # e.g. an attention kernel that cannot serve this shape
+            print(f"gpt gpu | {variant} | b{batch} | loss chunk {chunk} | attention {sdpa} | failed: "
+                  f"{str(e).splitlines()[0]}", flush=True)
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

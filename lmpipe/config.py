@@ -249,6 +249,9 @@ class PretrainConfig:
     vocab_multiple: int = knob(64, "Pad the model's vocabulary up to a multiple of this (faster matmuls on GPU).")
     batch_size: int = knob(16, "Sequences per micro-batch per process.")
     grad_accum: int = knob(1, "Micro-batches accumulated into one optimizer step.")
+    loss_chunk: int = knob(
+        1024, "Training tokens per chunk of the fused LM head and cross-entropy, which never holds the (tokens x vocabulary) logits in full (0: make all the logits, then the loss)."
+    )
     max_steps: int = knob(1000, "Optimizer steps.")
     lr: float = knob(1e-3, "Peak learning rate.")
     min_lr: float = knob(1e-4, "Learning rate at the end of the cosine decay.")
@@ -295,8 +298,10 @@ class PretrainConfig:
             raise ConfigError("pretrain needs 0 <= min_lr <= lr and 0 <= warmup_steps <= max_steps")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1) or self.weight_decay < 0 or self.grad_clip < 0:
             raise ConfigError("pretrain.beta1/beta2 must be in [0, 1); weight_decay and grad_clip >= 0")
-        if min(self.eval_every, self.eval_iters, self.save_every, self.keep_last, self.top_k, self.threads) < 0:
-            raise ConfigError("pretrain.eval_every, eval_iters, save_every, keep_last, top_k and threads must be >= 0")
+        if min(self.eval_every, self.eval_iters, self.save_every, self.keep_last, self.top_k, self.threads,
+               self.loss_chunk) < 0:
+            raise ConfigError("pretrain.eval_every, eval_iters, save_every, keep_last, top_k, threads and loss_chunk "
+                              "must be >= 0")
         if self.log_every < 1 or self.temperature < 0 or not 0 < self.sample_tokens < self.block_size:
             raise ConfigError("pretrain.log_every >= 1, temperature >= 0 and 0 < sample_tokens < block_size")
 
@@ -315,6 +320,9 @@ class SftConfig:
     )
     batch_size: int = knob(16, "Packed rows of the model's context length per micro-batch per process.")
     grad_accum: int = knob(1, "Micro-batches accumulated into one optimizer step.")
+    loss_chunk: int = knob(
+        1024, "Training tokens per chunk of the fused LM head and cross-entropy, which never holds the (tokens x vocabulary) logits in full (0: make all the logits, then the loss)."
+    )
     max_steps: int = knob(300, "Optimizer steps (fewer if early stopping ends training).")
     lr: float = knob(3e-4, "Peak learning rate.")
     min_lr: float = knob(3e-5, "Learning rate at the end of the cosine decay.")
@@ -353,9 +361,9 @@ class SftConfig:
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1) or self.weight_decay < 0 or self.grad_clip < 0:
             raise ConfigError("sft.beta1/beta2 must be in [0, 1); weight_decay and grad_clip >= 0")
         if min(self.eval_every, self.eval_examples, self.patience, self.min_delta, self.heldout_prompts,
-               self.sample_rows, self.save_every, self.keep_last, self.threads) < 0:
+               self.sample_rows, self.save_every, self.keep_last, self.threads, self.loss_chunk) < 0:
             raise ConfigError("sft.eval_every, eval_examples, patience, min_delta, heldout_prompts, sample_rows, "
-                              "save_every, keep_last and threads must be >= 0")
+                              "save_every, keep_last, threads and loss_chunk must be >= 0")
         if self.log_every < 1 or self.max_new_tokens < 1:
             raise ConfigError("sft.log_every and sft.max_new_tokens must be >= 1")
 

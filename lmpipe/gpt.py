@@ -1,4 +1,4 @@
-"""A decoder-only Transformer (GPT), readable top to bottom: attention → MLP → block → config → model.
+"""A decoder-only Transformer (GPT), readable top to bottom: attention → MLP → block → config → loss → model.
 
 Pre-norm residual blocks (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners"),
 causal self-attention through ``F.scaled_dot_product_attention`` (flash kernels on GPU), a GELU MLP,
@@ -8,6 +8,9 @@ temperature, top-k and top-p (Holtzman et al. 2019, arXiv:1904.09751), stopping 
 
 Every forward takes optional ``positions`` (B, T) and a boolean ``attn_mask`` (B, 1, T, T_keys), True
 where a query may attend, so callers can left-pad prompts or pack several examples into one row.
+
+Training can take the loss through :func:`linear_cross_entropy`, which fuses the LM head with the
+cross-entropy and never holds the (tokens × vocabulary) logits in full.
 """
 
 from __future__ import annotations
@@ -148,6 +151,88 @@ class Generation:
         return out
 
 
+def _nll_and_grad(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                  grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Summed cross-entropy of the logits ``x @ w.T`` (one chunk) and, if ``grad``, its gradient in the logits.
+
+    The softmax is taken in float32 (or float64) whatever the matmul's dtype. The gradient, softmax minus the one-hot
+    target, is written over the logits buffer in the matmul's dtype; rows whose target is ``ignore_index``
+    are left in it (the caller masks them out, which is cheaper on the (c, C) side than on the (c, V) one).
+    """
+    logits = x @ w.t()  # (c, V)
+    logp = torch.log_softmax(logits, dim=1, dtype=torch.promote_types(logits.dtype, torch.float32))
+    valid = targets != ignore_index
+    safe = torch.where(valid, targets, 0).unsqueeze(1)
+    nll = -torch.where(valid, logp.gather(1, safe).squeeze(1), 0.0).sum()
+    if not grad:
+        return nll, None
+    g = torch.exp(logp, out=logits)  # the softmax, over the logits' buffer
+    return nll, g.scatter_add_(1, safe, torch.full_like(safe, -1, dtype=g.dtype))
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy through the LM head, chunk by chunk, with the gradients made in the same pass.
+
+    Forward runs the head's three matmuls per chunk (logits, then the gradients of ``h`` and of the weight),
+    so the chunk's logits are freed before the next chunk starts; backward only scales what forward kept:
+    the (N, C) gradient of ``h``, the float32 (V, C) gradient of the weight, and the target count.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                chunk: int, dtype: torch.dtype) -> torch.Tensor:
+        x_all, w = h.to(dtype), weight.to(dtype)
+        valid_all = (targets != ignore_index).unsqueeze(1)
+        total = torch.zeros((), dtype=torch.promote_types(dtype, torch.float32), device=h.device)
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32))
+        with torch.autocast(h.device.type, enabled=False):
+            for s in range(0, h.shape[0], chunk):
+                x, valid = x_all[s : s + chunk], valid_all[s : s + chunk]
+                nll, g = _nll_and_grad(x, w, targets[s : s + chunk], ignore_index, grad=True)
+                total += nll
+                grad_h[s : s + chunk] = (g @ w) * valid
+                masked = x * valid
+                if dtype == grad_w.dtype:
+                    grad_w.addmm_(g.t(), masked)
+                else:  # addmm_ needs one dtype: the chunk's product is rounded once, then summed in float32
+                    grad_w += g.t() @ masked
+        count = valid_all.sum()
+        ctx.save_for_backward(grad_h, grad_w, count)
+        ctx.weight_dtype = weight.dtype
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        grad_h, grad_w, count = ctx.saved_tensors
+        scale = grad_out / count
+        return grad_h * scale.to(grad_h.dtype), (grad_w * scale).to(ctx.weight_dtype), None, None, None, None
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                         chunk: int = 1024) -> torch.Tensor:
+    """``F.cross_entropy(h @ weight.T, targets, ignore_index=ignore_index)`` without the (N, V) logits.
+
+    ``h`` (N, C) are final hidden states, ``weight`` (V, C) the LM head, ``targets`` (N,). The logits are made
+    ``chunk`` rows at a time; when gradients are wanted each chunk's are made at once and the chunk is freed,
+    so the largest thing held is one chunk's (chunk, V) logits. Under autocast the matmuls run in the autocast
+    dtype and the softmax in float32, as in the plain path (a linear layer under autocast, then a float32
+    cross-entropy). The mean over no targets is NaN, as ``F.cross_entropy``'s.
+    """
+    if chunk < 1:
+        raise ValueError(f"linear_cross_entropy: chunk must be >= 1, got {chunk}")
+    device = h.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(h, weight, targets, ignore_index, chunk, dtype)
+    x_all, w = h.to(dtype), weight.to(dtype)
+    total = torch.zeros((), dtype=torch.promote_types(dtype, torch.float32), device=h.device)
+    with torch.autocast(device, enabled=False):
+        for s in range(0, h.shape[0], chunk):
+            total += _nll_and_grad(x_all[s : s + chunk], w, targets[s : s + chunk], ignore_index, grad=False)[0]
+    return total / (targets != ignore_index).sum()
+
+
 class GPT(nn.Module):
     """Token (+ learned position) embeddings → n_layer pre-norm blocks → final LayerNorm → tied LM head."""
 
@@ -221,12 +306,21 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
-                ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (B, T, V) and, with ``targets`` (B, T), the mean cross-entropy over targets != ignore_index."""
-        logits = self.lm_head(self.hidden(idx, positions, attn_mask))
+                ignore_index: int = -100, loss_chunk: int = 0) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Logits (B, T, V) and, with ``targets`` (B, T), the mean cross-entropy over targets != ignore_index.
+
+        With targets and ``loss_chunk`` > 0 the loss goes through :func:`linear_cross_entropy`, ``loss_chunk``
+        tokens at a time, and the logits are not made: the first value returned is None.
+        """
+        h = self.hidden(idx, positions, attn_mask)
+        if targets is not None and loss_chunk > 0:
+            return None, linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.reshape(-1),
+                                              ignore_index, loss_chunk)
+        logits = self.lm_head(h)
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index)
+        wide = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits: a float32 softmax
+        loss = F.cross_entropy(wide.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index)
         return logits, loss
 
     @torch.no_grad()

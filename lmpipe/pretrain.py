@@ -118,7 +118,7 @@ class NextTokenObjective(Objective):
 
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
         x, y = batch
-        _, loss = model(x, y)
+        _, loss = model(x, y, loss_chunk=self.cfg.loss_chunk)
         return loss, x.numel()
 
     def evaluate(self, model: GPT, step: int, last: bool) -> dict[str, float]:

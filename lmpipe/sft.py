@@ -190,7 +190,8 @@ class InstructionObjective(Objective):
                 for i in range(0, per_rank, cfg.batch_size)]
 
     def loss(self, model: nn.Module, batch: PackedBatch) -> tuple[torch.Tensor, int]:
-        _, loss = model(batch.x, batch.y, positions=batch.positions, attn_mask=batch.attention_mask())
+        _, loss = model(batch.x, batch.y, positions=batch.positions, attn_mask=batch.attention_mask(),
+                        loss_chunk=self.cfg.loss_chunk)
         return loss, batch.x.numel()
 
     def evaluate(self, model: GPT, step: int, last: bool) -> dict[str, float]:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lmpipe.gpt import GPT, GPTConfig, sample_next
+from lmpipe.gpt import GPT, GPTConfig, linear_cross_entropy, sample_next
 
 torch.set_num_threads(1)
 
@@ -156,3 +156,92 @@ def test_generation_turns_dropout_off_and_restores_train_mode():
     m.train()
     assert m.generate([[3, 4, 5]], 6, temperature=0, eot_id=None).as_lists() == expected
     assert m.training
+
+
+# ----------------------------------------------------------------------------------------------
+# the fused LM head + cross-entropy
+
+
+def _head_problem(dtype=torch.float64):
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(29, 8, dtype=dtype, generator=g, requires_grad=True)
+    w = torch.randn(13, 8, dtype=dtype, generator=g, requires_grad=True)
+    t = torch.randint(0, 13, (29,), generator=g)
+    t[::4] = -100  # ignored positions (prompt tokens in SFT, padding)
+    return h, w, t
+
+
+def _loss_and_grads(loss_fn, h, w):
+    h.grad = w.grad = None
+    loss = loss_fn()
+    (2.5 * loss).backward()  # a non-unit upstream gradient, as under a loss scale or accumulation
+    return loss.detach(), h.grad.clone(), w.grad.clone()
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 29, 1000])
+def test_linear_cross_entropy_equals_logits_then_cross_entropy(chunk):
+    h, w, t = _head_problem()
+    want = _loss_and_grads(lambda: torch.nn.functional.cross_entropy(h @ w.t(), t), h, w)
+    got = _loss_and_grads(lambda: linear_cross_entropy(h, w, t, chunk=chunk), h, w)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():  # without gradients only the loss is made, chunk by chunk
+        torch.testing.assert_close(linear_cross_entropy(h, w, t, chunk=chunk), want[0], rtol=1e-12, atol=1e-12)
+
+
+def test_linear_cross_entropy_by_hand():
+    # one row, logits (0, ln 3) for target 1: -log(3 / 4); the gradient in the logits is softmax - one-hot
+    h = torch.tensor([[1.0]], dtype=torch.float64, requires_grad=True)
+    w = torch.tensor([[0.0], [math.log(3)]], dtype=torch.float64, requires_grad=True)
+    loss = linear_cross_entropy(h, w, torch.tensor([1]), chunk=1)
+    loss.backward()
+    assert loss.item() == pytest.approx(-math.log(0.75), abs=1e-15)
+    # d loss / d logits = (1/4, 3/4 - 1); d logits / d w = h = 1, d logits / d h = w
+    torch.testing.assert_close(w.grad, torch.tensor([[0.25], [-0.25]], dtype=torch.float64))
+    torch.testing.assert_close(h.grad, torch.tensor([[-0.25 * math.log(3)]], dtype=torch.float64))
+
+
+def test_linear_cross_entropy_edge_cases():
+    h, w, t = _head_problem()
+    with pytest.raises(ValueError, match="chunk"):
+        linear_cross_entropy(h, w, t, chunk=0)
+    none = torch.full_like(t, -100)  # no target at all: NaN, as F.cross_entropy's mean
+    assert torch.isnan(linear_cross_entropy(h, w, none)) and torch.isnan(torch.nn.functional.cross_entropy(h @ w.t(), none))
+
+
+def test_linear_cross_entropy_under_bf16_autocast():
+    h, w, t = _head_problem(torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = _loss_and_grads(lambda: torch.nn.functional.cross_entropy((h @ w.t()).float(), t), h, w)
+        got = _loss_and_grads(lambda: linear_cross_entropy(h, w, t, chunk=7), h, w)
+    assert got[1].dtype == got[2].dtype == torch.float32  # gradients come back in the inputs' dtypes
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)  # bf16 matmul, float32 softmax: the same loss
+    for a, b in zip(got[1:], want[1:], strict=True):  # (softmax - 1) rounded to bf16 once or twice
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize("positions", ["learned", "rope"])
+def test_model_loss_chunk_gives_the_same_loss_and_gradients(positions):
+    m = tiny(positions).double().train()
+    x = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(0))
+    y = x.roll(-1, dims=1)
+    y[:, -1] = -100
+    grads = []
+    for chunk in (0, 7):
+        m.zero_grad()
+        logits, loss = m(x, y, loss_chunk=chunk)
+        assert (logits is None) == (chunk > 0)  # the fused path makes no logits
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}))
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-12, atol=1e-12)
+    for name, g in grads[0][1].items():  # the tied embedding gets the head's gradient and the embedding's
+        torch.testing.assert_close(grads[1][1][name], g, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_model_loss_chunk_compiles_into_one_graph():
+    import torch._dynamo
+
+    m = tiny().train()
+    x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    explained = torch._dynamo.explain(m)(x, x, loss_chunk=8)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
