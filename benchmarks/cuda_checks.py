@@ -8,7 +8,8 @@ of failures. What is checked:
 - GPT forward on the GPU in float32 against the CPU, and under bf16 autocast against float32 (relative
   error of the logits), for learned and rotary positions; causality under bf16 with the flash kernel;
 - KV-cache greedy generation on the GPU against full recomputation;
-- the trainer on the GPU (bf16 autocast, fused AdamW): the loss falls on a learnable task, a killed and
+- the fused LM head + cross-entropy under bf16 autocast, eager and compiled, against the plain loss;
+- the trainer on the GPU (bf16 autocast, fused AdamW, the fused loss): the loss falls on a learnable task, a killed and
   resumed run follows the uninterrupted run's loss curve, and the compiled model's first losses match eager;
 - the word2vec torch engine on the GPU learns planted structure (skip-gram and CBOW, negative sampling and
   hierarchical softmax); so does the triton engine, whose kernel, run as one program, must also reproduce
@@ -87,6 +88,26 @@ def gpt_checks() -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
 
 
+def loss_checks() -> None:
+    """The fused LM head + cross-entropy on the GPU under bf16 autocast, eager and compiled, against the plain
+    path (all the logits, then a float32 cross-entropy): the same loss and gradients up to bf16 rounding."""
+    x = torch.randint(0, 512, (8, 129), generator=torch.Generator().manual_seed(2)).to(DEV)
+    results = {}
+    for name, chunk, compiled in (("plain", 0, False), ("fused", 256, False), ("fused compiled", 256, True)):
+        model = small_gpt("learned").to(DEV)
+        run = torch.compile(model) if compiled else model
+        with torch.autocast(DEV, torch.bfloat16):
+            _, loss = run(x[:, :-1], x[:, 1:], loss_chunk=chunk)
+        loss.backward()
+        results[name] = (loss.detach().float(), torch.cat([p.grad.flatten() for p in model.parameters()]))
+    ref_loss, ref_grad = results["plain"]
+    for name in ("fused", "fused compiled"):
+        loss, grad = results[name]
+        dl, dg = abs(float(loss - ref_loss)) / float(ref_loss), rel_err(grad, ref_grad)
+        check(f"gpt {name} loss = plain loss (bf16)", dl < 1e-3 and dg < 2e-2,
+              f"loss rel diff {dl:.2e} (< 1e-3), gradient rel err {dg:.2e} (< 2e-2)")
+
+
 class Pattern(Objective):
     """Rows of a fixed random sequence at random offsets: learnable, so the loss must fall well below log V."""
 
@@ -102,7 +123,7 @@ class Pattern(Objective):
         return [torch.stack([self.seq[s : s + 129] for s in starts.tolist()]).to(DEV)]
 
     def loss(self, model, rows):
-        _, loss = model(rows[:, :-1], rows[:, 1:])
+        _, loss = model(rows[:, :-1], rows[:, 1:], loss_chunk=512)  # the fused head, as the pretrain stage's
         return loss, rows[:, :-1].numel()
 
     def evaluate(self, model, step, last):
@@ -199,7 +220,7 @@ def main() -> int:
     name = torch.cuda.get_device_name() if DEV == "cuda" else "cpu"
     print(f"{name} | torch {torch.__version__} | bf16 {torch.cuda.is_bf16_supported()} | "
           f"flash sdp {torch.backends.cuda.flash_sdp_enabled()}", flush=True)
-    groups: list[Callable[[], None]] = [gpt_checks, trainer_checks, word2vec_checks]
+    groups: list[Callable[[], None]] = [gpt_checks, loss_checks, trainer_checks, word2vec_checks]
     for group in groups:
         try:
             group()

@@ -250,7 +250,9 @@ class PretrainConfig:
     batch_size: int = knob(16, "Sequences per micro-batch per process.")
     grad_accum: int = knob(1, "Micro-batches accumulated into one optimizer step.")
     loss_chunk: int = knob(
-        1024, "Training tokens per chunk of the fused LM head and cross-entropy, which never holds the (tokens x vocabulary) logits in full (0: make all the logits, then the loss)."
+        1024,
+        "Training tokens per chunk of the fused LM head and cross-entropy, which never holds the (tokens x "
+        "vocabulary) logits in full (0: make all the logits, then the loss).",
     )
     max_steps: int = knob(1000, "Optimizer steps.")
     lr: float = knob(1e-3, "Peak learning rate.")
@@ -321,7 +323,9 @@ class SftConfig:
     batch_size: int = knob(16, "Packed rows of the model's context length per micro-batch per process.")
     grad_accum: int = knob(1, "Micro-batches accumulated into one optimizer step.")
     loss_chunk: int = knob(
-        1024, "Training tokens per chunk of the fused LM head and cross-entropy, which never holds the (tokens x vocabulary) logits in full (0: make all the logits, then the loss)."
+        1024,
+        "Training tokens per chunk of the fused LM head and cross-entropy, which never holds the (tokens x "
+        "vocabulary) logits in full (0: make all the logits, then the loss).",
     )
     max_steps: int = knob(300, "Optimizer steps (fewer if early stopping ends training).")
     lr: float = knob(3e-4, "Peak learning rate.")

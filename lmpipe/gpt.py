@@ -180,7 +180,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-                chunk: int, dtype: torch.dtype) -> torch.Tensor:
+                chunk: int, dtype: torch.dtype, mean: bool) -> torch.Tensor:
         x_all, w = h.to(dtype), weight.to(dtype)
         valid_all = (targets != ignore_index).unsqueeze(1)
         total = torch.zeros((), dtype=torch.promote_types(dtype, torch.float32), device=h.device)
@@ -197,7 +197,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_w.addmm_(g.t(), masked)
                 else:  # addmm_ needs one dtype: the chunk's product is rounded once, then summed in float32
                     grad_w += g.t() @ masked
-        count = valid_all.sum()
+        count = valid_all.sum() if mean else torch.ones((), dtype=torch.long, device=h.device)
         ctx.save_for_backward(grad_h, grad_w, count)
         ctx.weight_dtype = weight.dtype
         return total / count
@@ -206,31 +206,33 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         grad_h, grad_w, count = ctx.saved_tensors
         scale = grad_out / count
-        return grad_h * scale.to(grad_h.dtype), (grad_w * scale).to(ctx.weight_dtype), None, None, None, None
+        return grad_h * scale.to(grad_h.dtype), (grad_w * scale).to(ctx.weight_dtype), None, None, None, None, None
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
-                         chunk: int = 1024) -> torch.Tensor:
-    """``F.cross_entropy(h @ weight.T, targets, ignore_index=ignore_index)`` without the (N, V) logits.
+                         chunk: int = 1024, reduction: Literal["mean", "sum"] = "mean") -> torch.Tensor:
+    """``F.cross_entropy(h @ weight.T, targets, ignore_index=..., reduction=...)`` without the (N, V) logits.
 
     ``h`` (N, C) are final hidden states, ``weight`` (V, C) the LM head, ``targets`` (N,). The logits are made
     ``chunk`` rows at a time; when gradients are wanted each chunk's are made at once and the chunk is freed,
     so the largest thing held is one chunk's (chunk, V) logits. Under autocast the matmuls run in the autocast
     dtype and the softmax in float32, as in the plain path (a linear layer under autocast, then a float32
-    cross-entropy). The mean over no targets is NaN, as ``F.cross_entropy``'s.
+    cross-entropy). The mean over no targets is NaN and the sum 0, as ``F.cross_entropy``'s.
     """
     if chunk < 1:
         raise ValueError(f"linear_cross_entropy: chunk must be >= 1, got {chunk}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"linear_cross_entropy: reduction must be 'mean' or 'sum', got {reduction!r}")
     device = h.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(h, weight, targets, ignore_index, chunk, dtype)
+        return _LinearCrossEntropy.apply(h, weight, targets, ignore_index, chunk, dtype, reduction == "mean")
     x_all, w = h.to(dtype), weight.to(dtype)
     total = torch.zeros((), dtype=torch.promote_types(dtype, torch.float32), device=h.device)
     with torch.autocast(device, enabled=False):
         for s in range(0, h.shape[0], chunk):
             total += _nll_and_grad(x_all[s : s + chunk], w, targets[s : s + chunk], ignore_index, grad=False)[0]
-    return total / (targets != ignore_index).sum()
+    return total / (targets != ignore_index).sum() if reduction == "mean" else total
 
 
 class GPT(nn.Module):

@@ -187,6 +187,13 @@ def test_linear_cross_entropy_equals_logits_then_cross_entropy(chunk):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     with torch.no_grad():  # without gradients only the loss is made, chunk by chunk
         torch.testing.assert_close(linear_cross_entropy(h, w, t, chunk=chunk), want[0], rtol=1e-12, atol=1e-12)
+    summed = torch.nn.functional.cross_entropy(h @ w.t(), t, reduction="sum")
+    want = _loss_and_grads(lambda: torch.nn.functional.cross_entropy(h @ w.t(), t, reduction="sum"), h, w)
+    got = _loss_and_grads(lambda: linear_cross_entropy(h, w, t, chunk=chunk, reduction="sum"), h, w)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(h, w, t, chunk=chunk, reduction="sum"), summed.detach())
 
 
 def test_linear_cross_entropy_by_hand():
@@ -205,8 +212,12 @@ def test_linear_cross_entropy_edge_cases():
     h, w, t = _head_problem()
     with pytest.raises(ValueError, match="chunk"):
         linear_cross_entropy(h, w, t, chunk=0)
-    none = torch.full_like(t, -100)  # no target at all: NaN, as F.cross_entropy's mean
-    assert torch.isnan(linear_cross_entropy(h, w, none)) and torch.isnan(torch.nn.functional.cross_entropy(h @ w.t(), none))
+    none = torch.full_like(t, -100)  # no target at all: the mean is NaN and the sum 0, as F.cross_entropy's
+    assert torch.isnan(linear_cross_entropy(h, w, none))
+    assert torch.isnan(torch.nn.functional.cross_entropy(h @ w.t(), none))
+    assert linear_cross_entropy(h, w, none, reduction="sum").item() == 0.0
+    with pytest.raises(ValueError, match="reduction"):
+        linear_cross_entropy(h, w, t, reduction="none")
 
 
 def test_linear_cross_entropy_under_bf16_autocast():

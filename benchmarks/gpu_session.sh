@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The GPU measurements, in phases that each fit one 10-minute command on a rented GPU machine.
+#
+#   bash benchmarks/gpu_session.sh checks     # cuda_checks.py: every CUDA path against its CPU reference
+#   bash benchmarks/gpu_session.sh gpt        # GPT-2 small, compiled: loss path x attention kernel
+#   bash benchmarks/gpu_session.sh gpt-eager  # the same, eager, at two micro-batches
+#   bash benchmarks/gpu_session.sh w2v        # word2vec: triton and torch engines, speed and quality
+#
+# Each phase writes its log (and the word2vec JSON) to $OUT, or to ./gpu-out when OUT is unset.
+#
+# What the machine may lack, carried in benchmarks/data/ (ignored by git):
+#   numba-py312.tar.xz  numba and llvmlite unpacked for the machine's Python (the word2vec CPU kernels, which
+#                       the checks and the w2v phase compare against), made here with
+#                         pip download numba --python-version 3.12 --only-binary=:all: \
+#                             --platform manylinux_2_28_x86_64 -d wh
+#                         (cd x && for w in ../wh/numba-*.whl ../wh/llvmlite-*.whl; do unzip -qo $w; done)
+#                         tar cJf benchmarks/data/numba-py312.tar.xz -C x numba llvmlite
+#   corpus_en_large.train.txt.xz, eval/  the w2v phase's corpus and gensim's evaluation files
+# The two together are larger than one command may carry: carry the numba archive for `checks`, then the corpus
+# for `w2v` while the machine is still warm (it keeps /tmp/pydeps), or the numba archive alone for a `w2v`
+# run with a shorter corpus.
+set -uo pipefail
+
+phase=${1:?usage: bash benchmarks/gpu_session.sh checks|gpt|gpt-eager|w2v}
+out=${OUT:-gpu-out}
+mkdir -p "$out"
+here=$(cd "$(dirname "$0")/.." && pwd)
+data=$here/benchmarks/data
+py=${PYTHON:-python3}
+
+if ! "$py" -c "import numba" 2>/dev/null; then
+  if [ ! -d /tmp/pydeps/numba ] && [ -f "$data/numba-py312.tar.xz" ]; then
+    mkdir -p /tmp/pydeps && tar xJf "$data/numba-py312.tar.xz" -C /tmp/pydeps
+  fi
+  [ -d /tmp/pydeps/numba ] && export PYTHONPATH=/tmp/pydeps${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$here${PYTHONPATH:+:$PYTHONPATH}
+cd "$here" || exit 1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee "$out/$phase.log"
+
+case $phase in
+  checks)
+    "$py" benchmarks/cuda_checks.py ;;
+  gpt)  # about 4 x (1 min of compilation + 10 s timed)
+    "$py" benchmarks/gpt_gpu_bench.py --variants compiled --batch 32 --rounds 5 --coordinate-descent \
+      --loss-chunk 0,8192 --sdpa default,cudnn ;;
+  gpt-eager)
+    "$py" benchmarks/gpt_gpu_bench.py --variants eager --batch 16,32 --rounds 5 --loss-chunk 0,4096,8192 \
+      --sdpa default,cudnn,flash ;;
+  w2v)
+    corpus=$data/corpus_en_large.train.txt
+    if [ ! -f "$corpus" ] && [ -f "$corpus.xz" ]; then xz -dk "$corpus.xz"; fi
+    [ -f "$corpus" ] || { echo "gpu_session: $corpus(.xz) is missing" >&2; exit 2; }
+    "$py" benchmarks/word2vec_gpu_bench.py "$corpus" --eval-dir "$data/eval" --epochs 3 --engines triton torch \
+      --streams 4096 16384 65536 --json "$out/word2vec_gpu_bench.json" ;;
+  *)
+    echo "gpu_session: unknown phase $phase (checks, gpt, gpt-eager, w2v)" >&2; exit 2 ;;
+esac 2>&1 | tee -a "$out/$phase.log"
+exit "${PIPESTATUS[0]}"
