@@ -7,6 +7,7 @@ and workspaces are never touched.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -29,6 +30,11 @@ os.environ.update({
     "GIT_PYTHON_REFRESH": "quiet",
     "TQDM_DISABLE": "1",
 })
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Remove the session's Prefect home and MLflow store (session fixtures are torn down by now)."""
+    shutil.rmtree(_SESSION_TMP, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
