@@ -156,8 +156,9 @@ def _nll_and_grad(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, ignor
     """Summed cross-entropy of the logits ``x @ w.T`` (one chunk) and, if ``grad``, its gradient in the logits.
 
     The softmax is taken in float32 (or float64) whatever the matmul's dtype. The gradient, softmax minus the one-hot
-    target, is written over the logits buffer in the matmul's dtype; rows whose target is ``ignore_index``
-    are left in it (the caller masks them out, which is cheaper on the (c, C) side than on the (c, V) one).
+    target, is written over the logits buffer in the matmul's dtype. Rows whose target is ``ignore_index`` are
+    not zeroed here (they hold a softmax less one in column 0): the caller masks them out on the (c, C) side,
+    which is cheaper than on the (c, V) one.
     """
     logits = x @ w.t()  # (c, V)
     logp = torch.log_softmax(logits, dim=1, dtype=torch.promote_types(logits.dtype, torch.float32))
@@ -171,11 +172,12 @@ def _nll_and_grad(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, ignor
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy through the LM head, chunk by chunk, with the gradients made in the same pass.
+    """Cross-entropy (mean or sum) through the LM head, chunk by chunk, with the gradients made in the same pass.
 
     Forward runs the head's three matmuls per chunk (logits, then the gradients of ``h`` and of the weight),
     so the chunk's logits are freed before the next chunk starts; backward only scales what forward kept:
-    the (N, C) gradient of ``h``, the float32 (V, C) gradient of the weight, and the target count.
+    the (N, C) gradient of ``h``, the float32 (V, C) gradient of the weight, and the divisor (the target count
+    for a mean, 1 for a sum).
     """
 
     @staticmethod
