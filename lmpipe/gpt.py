@@ -316,16 +316,23 @@ class GPT(nn.Module):
         With targets and ``loss_chunk`` > 0 the loss goes through :func:`linear_cross_entropy`, ``loss_chunk``
         tokens at a time, and the logits are not made: the first value returned is None.
         """
-        h = self.hidden(idx, positions, attn_mask)
         if targets is not None and loss_chunk > 0:
-            return None, linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.reshape(-1),
-                                              ignore_index, loss_chunk)
-        logits = self.lm_head(h)
+            return None, self.target_nll(idx, targets, positions=positions, attn_mask=attn_mask,
+                                         ignore_index=ignore_index, chunk=loss_chunk)
+        logits = self.lm_head(self.hidden(idx, positions, attn_mask))
         if targets is None:
             return logits, None
         wide = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits: a float32 softmax
         loss = F.cross_entropy(wide.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index)
         return logits, loss
+
+    def target_nll(self, idx: torch.Tensor, targets: torch.Tensor, *, positions: torch.Tensor | None = None,
+                   attn_mask: torch.Tensor | None = None, ignore_index: int = -100, chunk: int = 1024,
+                   reduction: Literal["mean", "sum"] = "mean") -> torch.Tensor:
+        """Cross-entropy of ``targets`` (B, T) through the fused head (:func:`linear_cross_entropy`), no logits made."""
+        h = self.hidden(idx, positions, attn_mask)
+        return linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.reshape(-1), ignore_index, chunk,
+                                    reduction)
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]] | torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

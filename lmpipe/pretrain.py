@@ -31,7 +31,7 @@ from tokenizers import Tokenizer
 from lmpipe import shards
 from lmpipe.checkpoint import load_model_folder, read_model_config, save_model_folder
 from lmpipe.config import PretrainConfig
-from lmpipe.gpt import GPT, GPTConfig, linear_cross_entropy
+from lmpipe.gpt import GPT, GPTConfig
 from lmpipe.scoring import TextScore, make_score
 from lmpipe.stage import Logger, NullLogger, StageContext, StageOutput, StageResult
 from lmpipe.trainer import Dist, Objective, Trainer, TrainSettings, distributed
@@ -67,8 +67,7 @@ def split_nats(model: GPT, tokens: np.ndarray, batch_size: int, max_batches: int
     for i, (x, y) in enumerate(shards.eval_batches(tokens, batch_size, model.config.block_size)):
         if max_batches is not None and i >= max_batches:
             break
-        nll = linear_cross_entropy(model.hidden(x.to(device)).flatten(0, 1), model.lm_head.weight,
-                                   y.to(device).flatten(), shards.IGNORE_INDEX, reduction="sum")
+        nll = model.target_nll(x.to(device), y.to(device), ignore_index=shards.IGNORE_INDEX, reduction="sum")
         total += float(nll)
         count += int((y != shards.IGNORE_INDEX).sum())
     return total, count

@@ -34,7 +34,7 @@ from lmpipe.bpe import END_ID, PAD_ID
 from lmpipe.chat import TEMPLATE_NAME, ChatTemplate, Message, Rendered
 from lmpipe.checkpoint import latest_checkpoint, load_model_folder, read_model_config, save_model_folder
 from lmpipe.config import IngestConfig, PipelineConfig, SftConfig
-from lmpipe.gpt import GPT, linear_cross_entropy
+from lmpipe.gpt import GPT
 from lmpipe.pretrain import TOKENIZER_FILE, bits_per_byte, file_sha256, load_lm, split_nats, step_seed
 from lmpipe.stage import Logger, NullLogger, StageContext, StageOutput
 from lmpipe.trainer import Dist, Objective, Trainer, TrainSettings, resolve_device
@@ -153,9 +153,8 @@ def response_nats(model: GPT, examples: Sequence[Example], batch_size: int) -> t
     total, count = 0.0, 0
     for i in range(0, len(rows), batch_size):
         batch = collate(examples, rows[i : i + batch_size], block).to(device)
-        h = model.hidden(batch.x, batch.positions, batch.attention_mask())
-        nll = linear_cross_entropy(h.flatten(0, 1), model.lm_head.weight, batch.y.flatten(), IGNORE_INDEX,
-                                   reduction="sum")
+        nll = model.target_nll(batch.x, batch.y, positions=batch.positions, attn_mask=batch.attention_mask(),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
         total += float(nll)
         count += int((batch.y != IGNORE_INDEX).sum())
     return total, count
