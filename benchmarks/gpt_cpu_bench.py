@@ -11,7 +11,12 @@ head + cross-entropy in chunks of 1024 tokens, in alternating rounds on one mode
 machine's speed falls on both. The peak memory printed is the process's: compare it across separate runs
 with one value each.
 
+``--ignored 0.58 --loss-chunk 0,1024,1024s`` measures an instruction-tuning step: in every 64 tokens the
+first 58% of the targets are ignored (the share of prompt and padding in the tiny preset's packed SFT rows),
+and a path written ``Ns`` runs the fused head over the kept targets only (``skip_ignored``).
+
     python benchmarks/gpt_cpu_bench.py [--steps 30] [--threads 2] [--loss-chunk 0,1024] [--rounds 3]
+    python benchmarks/gpt_cpu_bench.py --ignored 0.58 --loss-chunk 1024,1024s --rounds 3
 """
 
 from __future__ import annotations
@@ -37,21 +42,28 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--loss-chunk", default="1024",
-                   help="comma-separated loss paths: 0 is the plain loss, N the fused head in chunks of N tokens")
+                   help="comma-separated loss paths: 0 is the plain loss, N the fused head in chunks of N tokens, "
+                        "Ns the same over the targets that are not ignored only")
+    p.add_argument("--ignored", type=float, default=0.0,
+                   help="share of ignored targets, as the first part of every 64 tokens (instruction tuning)")
     p.add_argument("--rounds", type=int, default=1, help="alternating rounds of --steps steps per loss path")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=args.vocab, block_size=256, n_layer=4, n_head=4, n_embd=256)
     model = GPT(cfg)
-    chunks = [int(c) for c in args.loss_chunk.split(",")]
+    chunks = args.loss_chunk.split(",")
     settings = TrainSettings(max_steps=10**6, warmup_steps=0, device="cpu", dtype="float32", compile=args.compile)
     trainer = Trainer(model, settings, "unused", progress=False)
     data = torch.randint(0, args.vocab, (args.warmup + args.steps, args.batch, cfg.block_size + 1))
+    ignored = (torch.arange(cfg.block_size) % 64) < round(64 * args.ignored)
 
-    def loss_with(chunk: int):
+    def loss_with(path: str):
+        chunk, skip = int(path.rstrip("s")), path.endswith("s")
+
         def loss(m, rows):
-            _, value = m(rows[:, :-1], rows[:, 1:], loss_chunk=chunk)
+            targets = rows[:, 1:].masked_fill(ignored, -100)
+            _, value = m(rows[:, :-1], targets, loss_chunk=chunk, skip_ignored=skip)
             return value, rows[:, :-1].numel()
         return loss
 
@@ -74,7 +86,9 @@ def main() -> None:
     load = os.getloadavg()[0]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     for chunk in chunks:
-        path = f"fused head, chunks of {chunk}" if chunk else "plain loss"
+        path = (f"fused head, chunks of {chunk.rstrip('s')}" if int(chunk.rstrip("s")) else "plain loss") + (
+            ", kept targets only" if chunk.endswith("s") else "") + (f", {args.ignored:.0%} ignored" if args.ignored
+                                                                     else "")
         print(f"gpt cpu | 4x256 h4 ctx256 b{args.batch} V{args.vocab} fp32{' compiled' if args.compile else ''} | "
               f"{path} | {model.num_params() / 1e6:.2f}M params | {tokens / wall[chunk]:,.0f} tokens/s | "
               f"{1000 * wall[chunk] / (args.rounds * args.steps):.0f} ms/step | {args.threads} threads | "

@@ -325,7 +325,8 @@ class SftConfig:
     loss_chunk: int = knob(
         1024,
         "Training tokens per chunk of the fused LM head and cross-entropy, which never holds the (tokens x "
-        "vocabulary) logits in full (0: make all the logits, then the loss).",
+        "vocabulary) logits in full and, outside torch.compile, runs the head over the response tokens only "
+        "(0: make all the logits, then the loss).",
     )
     max_steps: int = knob(300, "Optimizer steps (fewer if early stopping ends training).")
     lr: float = knob(3e-4, "Peak learning rate.")

@@ -310,15 +310,17 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
-                ignore_index: int = -100, loss_chunk: int = 0) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                ignore_index: int = -100, loss_chunk: int = 0, skip_ignored: bool = False
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits (B, T, V) and, with ``targets`` (B, T), the mean cross-entropy over targets != ignore_index.
 
         With targets and ``loss_chunk`` > 0 the loss goes through :func:`linear_cross_entropy`, ``loss_chunk``
-        tokens at a time, and the logits are not made: the first value returned is None.
+        tokens at a time, and the logits are not made: the first value returned is None. ``skip_ignored`` is
+        :meth:`target_nll`'s.
         """
         if targets is not None and loss_chunk > 0:
             return None, self.target_nll(idx, targets, positions=positions, attn_mask=attn_mask,
-                                         ignore_index=ignore_index, chunk=loss_chunk)
+                                         ignore_index=ignore_index, chunk=loss_chunk, skip_ignored=skip_ignored)
         logits = self.lm_head(self.hidden(idx, positions, attn_mask))
         if targets is None:
             return logits, None
@@ -328,11 +330,19 @@ class GPT(nn.Module):
 
     def target_nll(self, idx: torch.Tensor, targets: torch.Tensor, *, positions: torch.Tensor | None = None,
                    attn_mask: torch.Tensor | None = None, ignore_index: int = -100, chunk: int = 1024,
-                   reduction: Literal["mean", "sum"] = "mean") -> torch.Tensor:
-        """Cross-entropy of ``targets`` (B, T) through the fused head (:func:`linear_cross_entropy`), no logits made."""
-        h = self.hidden(idx, positions, attn_mask)
-        return linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.reshape(-1), ignore_index, chunk,
-                                    reduction)
+                   reduction: Literal["mean", "sum"] = "mean", skip_ignored: bool = False) -> torch.Tensor:
+        """Cross-entropy of ``targets`` (B, T) through the fused head (:func:`linear_cross_entropy`), no logits made.
+
+        ``skip_ignored`` runs the head over the positions whose target is not ``ignore_index`` only, which pays
+        when many are ignored (instruction tuning's prompts and padding). Finding them reads the targets on the
+        host (a device sync), and the head's shapes then vary from batch to batch, so under ``torch.compile``
+        the flag is passed over and every position goes through the head (the result is the same).
+        """
+        h, flat = self.hidden(idx, positions, attn_mask).flatten(0, 1), targets.reshape(-1)
+        if skip_ignored and not torch.compiler.is_compiling():
+            keep = (flat != ignore_index).nonzero().squeeze(1)
+            h, flat = h.index_select(0, keep), flat.index_select(0, keep)
+        return linear_cross_entropy(h, self.lm_head.weight, flat, ignore_index, chunk, reduction)
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]] | torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

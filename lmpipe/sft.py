@@ -154,7 +154,7 @@ def response_nats(model: GPT, examples: Sequence[Example], batch_size: int) -> t
     for i in range(0, len(rows), batch_size):
         batch = collate(examples, rows[i : i + batch_size], block).to(device)
         nll = model.target_nll(batch.x, batch.y, positions=batch.positions, attn_mask=batch.attention_mask(),
-                               ignore_index=IGNORE_INDEX, reduction="sum")
+                               ignore_index=IGNORE_INDEX, reduction="sum", skip_ignored=True)
         total += float(nll)
         count += int((batch.y != IGNORE_INDEX).sum())
     return total, count
@@ -190,7 +190,7 @@ class InstructionObjective(Objective):
 
     def loss(self, model: nn.Module, batch: PackedBatch) -> tuple[torch.Tensor, int]:
         _, loss = model(batch.x, batch.y, positions=batch.positions, attn_mask=batch.attention_mask(),
-                        loss_chunk=self.cfg.loss_chunk)
+                        ignore_index=IGNORE_INDEX, loss_chunk=self.cfg.loss_chunk, skip_ignored=True)
         return loss, batch.x.numel()
 
     def evaluate(self, model: GPT, step: int, last: bool) -> dict[str, float]:

@@ -237,16 +237,38 @@ def test_model_loss_chunk_gives_the_same_loss_and_gradients(positions):
     x = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(0))
     y = x.roll(-1, dims=1)
     y[:, -1] = -100
+    y[0, :9] = y[2, 3:] = -100  # many ignored targets, as instruction tuning's prompts and padding are
     grads = []
-    for chunk in (0, 7):
+    for chunk, skip in ((0, False), (7, False), (7, True), (100, True)):
         m.zero_grad()
-        logits, loss = m(x, y, loss_chunk=chunk)
+        logits, loss = m(x, y, loss_chunk=chunk, skip_ignored=skip)
         assert (logits is None) == (chunk > 0)  # the fused path makes no logits
         loss.backward()
         grads.append((loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}))
-    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-12, atol=1e-12)
-    for name, g in grads[0][1].items():  # the tied embedding gets the head's gradient and the embedding's
-        torch.testing.assert_close(grads[1][1][name], g, rtol=1e-10, atol=1e-12, msg=name)
+    for got in grads[1:]:
+        torch.testing.assert_close(got[0], grads[0][0], rtol=1e-12, atol=1e-12)
+        for name, g in grads[0][1].items():  # the tied embedding gets the head's gradient and the embedding's
+            torch.testing.assert_close(got[1][name], g, rtol=1e-10, atol=1e-12, msg=name)
+    with torch.no_grad():  # the gradient-free sum, as evaluation uses it
+        want = torch.nn.functional.cross_entropy(m(x)[0].flatten(0, 1), y.flatten(), reduction="sum")
+        got = m.target_nll(x, y, chunk=5, reduction="sum", skip_ignored=True)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_skip_ignored_runs_the_head_over_the_kept_positions_only(monkeypatch):
+    import lmpipe.gpt as gpt_module
+
+    seen = []
+    real = gpt_module.linear_cross_entropy
+    monkeypatch.setattr(gpt_module, "linear_cross_entropy", lambda h, *a: seen.append(h.shape[0]) or real(h, *a))
+    m = tiny()
+    x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    y = torch.full_like(x, -100)
+    y[0, 3:7] = x[0, 4:8]
+    y[1, 15] = 5
+    m.target_nll(x, y, skip_ignored=True)
+    m.target_nll(x, y)
+    assert seen == [5, 32]
 
 
 def test_model_loss_chunk_compiles_into_one_graph():
@@ -254,5 +276,6 @@ def test_model_loss_chunk_compiles_into_one_graph():
 
     m = tiny().train()
     x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
-    explained = torch._dynamo.explain(m)(x, x, loss_chunk=8)
-    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+    for skip in (False, True):  # under compile skip_ignored is passed over: no data-dependent shapes
+        explained = torch._dynamo.explain(m)(x, x, loss_chunk=8, skip_ignored=skip)
+        assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
