@@ -59,6 +59,7 @@ class Word2VecSettings:
     min_alpha_ratio: float = 1e-4
     seed: int = 1
     streams: int = 0  # parts of the corpus trained side by side (0: one per CPU thread, as word2vec.c; triton: many)
+    chunk_words: int = CHUNK_WORDS  # CPU: words per Hogwild work item (a part is a run of consecutive chunks)
     threads: int = 0  # 0: all cores
     device: str = "cpu"  # "cpu" or a torch device such as "cuda"
     engine: str = "auto"  # "numba" (CPU), "torch" (any device), "triton" (Hogwild kernel: CUDA, or CPU interpreted);
@@ -431,8 +432,10 @@ def _train_cpu(model: Word2VecModel, ids: np.ndarray, starts: np.ndarray, tables
     threads = s.threads or os.cpu_count() or 1
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     keep, table, codes, points, lengths = tables
-    schedule = Schedule(starts, CHUNK_WORDS, s.streams or threads, s.epochs)
-    per_part = max(1, s.report_words // CHUNK_WORDS * threads // schedule.n_parts)  # chunks of each part per call
+    if s.chunk_words < 1:
+        raise ValueError(f"word2vec: chunk_words must be >= 1, got {s.chunk_words}")
+    schedule = Schedule(starts, s.chunk_words, s.streams or threads, s.epochs)
+    per_part = max(1, s.report_words // s.chunk_words * threads // schedule.n_parts)  # chunks of each part per call
     t0 = time.perf_counter()
     for epoch in range(s.epochs):
         sums, t_epoch = np.zeros(3), time.perf_counter()

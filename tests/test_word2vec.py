@@ -171,9 +171,9 @@ def test_every_stream_layout_trains_each_sentence_once_per_epoch(threads):
     _, sentences = _topic_corpus(6000)  # 48,000 words: five chunks, so three streams get unequal parts
     expected = sum(2 * (len(sent) - 1) for sent in sentences)  # window 1 and no subsampling: two examples a word
     vectors = {}
-    for streams in (1, 2, 3, 7):
+    for streams, chunk_words in ((1, 10_000), (2, 10_000), (3, 10_000), (7, 10_000), (64, 97), (5000, 1)):
         s = w2v.Word2VecSettings(dim=8, window=1, epochs=2, min_count=1, sample=0.0, threads=threads,
-                                 streams=streams, seed=5, report_words=2000)
+                                 streams=streams, chunk_words=chunk_words, seed=5, report_words=2000)
         reports = []
         model = w2v.train(sentences, s, progress=reports.append)
         assert [r["examples"] for r in model.history] == [expected, expected]
@@ -185,6 +185,8 @@ def test_every_stream_layout_trains_each_sentence_once_per_epoch(threads):
                                                           threads=1, streams=2, seed=5, report_words=2000))
         np.testing.assert_array_equal(again.syn0, vectors[2])
         assert not np.array_equal(vectors[1], vectors[2])
+    with pytest.raises(ValueError, match="chunk_words"):
+        w2v.train(sentences, w2v.Word2VecSettings(min_count=1, chunk_words=0))
 
 
 def test_torch_engine_on_cpu_learns_the_same_structure():
