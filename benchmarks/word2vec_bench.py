@@ -3,7 +3,8 @@
 Usage::
 
     python benchmarks/word2vec_bench.py CORPUS.txt --eval-dir DIR [--variant sg-ns] [--epochs 5] [--threads 2]
-        [--streams 0] [--chunk-words 10000] [--seed 1] [--device cpu] [--gensim-python /path/to/venv/bin/python] [--json out.json]
+        [--streams 0] [--chunk-words 10000] [--seed 1] [--device cpu]
+        [--gensim-python /path/to/venv/bin/python] [--json out.json]
 
 Each non-empty line is one sentence, tokenized by :mod:`lmpipe.wordtok` (lower-cased). Defaults follow
 the reference setting: window 5, 5 negatives, dimension 100, min count 5, sample 1e-3, 5 epochs.
@@ -61,7 +62,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1, help="random seed of both trainers (quality varies with it)")
     p.add_argument("--streams", type=int, default=0, help="CPU: corpus parts trained side by side (0: one per thread)")
     p.add_argument("--chunk-words", type=int, default=10_000,
-                   help="CPU: words per Hogwild work item (171 with --streams 16384 trains in the triton engine's order)")
+                   help="CPU: words per Hogwild work item (171 with --streams 16384: the triton engine's order)")
     p.add_argument("--device", default="cpu", help="cpu (numba kernels) or a torch device such as cuda")
     p.add_argument("--batch-pairs", type=int, default=1 << 20, help="examples per step on the torch engine")
     p.add_argument("--max-lines", type=int, default=0, help="read only the first N lines (0: all)")
