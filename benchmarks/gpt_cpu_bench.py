@@ -27,6 +27,7 @@ import platform
 import resource
 import time
 
+import loss_paths
 import torch
 
 from lmpipe.gpt import GPT, GPTConfig
@@ -52,20 +53,13 @@ def main() -> None:
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=args.vocab, block_size=256, n_layer=4, n_head=4, n_embd=256)
     model = GPT(cfg)
-    chunks = args.loss_chunk.split(",")
+    chunks = loss_paths.parse(args.loss_chunk)
     settings = TrainSettings(max_steps=10**6, warmup_steps=0, device="cpu", dtype="float32", compile=args.compile)
     trainer = Trainer(model, settings, "unused", progress=False)
     data = torch.randint(0, args.vocab, (args.warmup + args.steps, args.batch, cfg.block_size + 1))
-    ignored = (torch.arange(cfg.block_size) % 64) < round(64 * args.ignored)
 
     def loss_with(path: str):
-        chunk, skip = int(path.rstrip("s")), path.endswith("s")
-
-        def loss(m, rows):
-            targets = rows[:, 1:].masked_fill(ignored, -100)
-            _, value = m(rows[:, :-1], targets, loss_chunk=chunk, skip_ignored=skip)
-            return value, rows[:, :-1].numel()
-        return loss
+        return loss_paths.loss_fn(path, args.ignored, cfg.block_size)
 
     step = 0
     for chunk in chunks:
@@ -86,9 +80,7 @@ def main() -> None:
     load = os.getloadavg()[0]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     for chunk in chunks:
-        path = (f"fused head, chunks of {chunk.rstrip('s')}" if int(chunk.rstrip("s")) else "plain loss") + (
-            ", kept targets only" if chunk.endswith("s") else "") + (f", {args.ignored:.0%} ignored" if args.ignored
-                                                                     else "")
+        path = "loss " + loss_paths.describe(chunk, args.ignored)
         print(f"gpt cpu | 4x256 h4 ctx256 b{args.batch} V{args.vocab} fp32{' compiled' if args.compile else ''} | "
               f"{path} | {model.num_params() / 1e6:.2f}M params | {tokens / wall[chunk]:,.0f} tokens/s | "
               f"{1000 * wall[chunk] / (args.rounds * args.steps):.0f} ms/step | {args.threads} threads | "

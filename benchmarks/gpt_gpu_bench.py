@@ -7,9 +7,11 @@ AdamW) through :class:`lmpipe.trainer.Trainer`, queued without a host sync betwe
 the given peak (800 TFLOP/s, a measured H100 bf16 matmul peak, by default) and peak memory.
 
 Two more choices can be compared, each a comma-separated list: ``--loss-chunk`` (0: all the logits, then the
-cross-entropy; N: the fused LM head + cross-entropy in chunks of N tokens) and ``--sdpa`` (the attention
+cross-entropy; N: the fused LM head + cross-entropy in chunks of N tokens; Ns: the same over the targets that
+are not ignored only, see ``--ignored`` and ``benchmarks/loss_paths.py``) and ``--sdpa`` (the attention
 kernel: ``default`` lets PyTorch choose; ``cudnn``, ``flash`` or ``efficient`` allow only that one). Each line
-names the attention kernel that PyTorch picks for the model's shape.
+names the attention kernel that PyTorch picks for the model's shape. ``--ignored 0.58 --variants eager
+--loss-chunk 0,8192,8192s`` measures an instruction-tuning step (the kept-targets path is eager only).
 
     python benchmarks/gpt_gpu_bench.py [--batch 16,32] [--steps 30] [--rounds 1] [--variants compiled,eager] \
         [--loss-chunk 0,8192] [--sdpa default,cudnn]
@@ -23,6 +25,7 @@ import itertools
 import sys
 import time
 
+import loss_paths
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -40,7 +43,7 @@ def attention_kernel(batch: int, cfg: GPTConfig) -> str:
     return next((name for name, b in SDPBackend.__members__.items() if b.value == choice), str(choice)).lower()
 
 
-def bench(compiled: bool, batch: int, chunk: int, sdpa: str, args: argparse.Namespace) -> str:
+def bench(compiled: bool, batch: int, chunk: str, sdpa: str, args: argparse.Namespace) -> str:
     torch.manual_seed(0)
     torch._dynamo.reset()  # the attention kernel is chosen when a graph is traced: trace each variant afresh
     cfg = GPTConfig(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768)
@@ -49,11 +52,9 @@ def bench(compiled: bool, batch: int, chunk: int, sdpa: str, args: argparse.Name
         return kernel_bench(compiled, batch, chunk, cfg, f"{sdpa} ({kernel})", args)
 
 
-def kernel_bench(compiled: bool, batch: int, chunk: int, cfg: GPTConfig, attention: str,
+def kernel_bench(compiled: bool, batch: int, chunk: str, cfg: GPTConfig, attention: str,
                  args: argparse.Namespace) -> str:
-    def loss_fn(model, rows):
-        _, value = model(rows[:, :-1], rows[:, 1:], loss_chunk=chunk)
-        return value, rows[:, :-1].numel()
+    loss_fn = loss_paths.loss_fn(chunk, args.ignored, cfg.block_size)
 
     model = GPT(cfg)
     settings = TrainSettings(max_steps=10**6, warmup_steps=0, device="cuda", dtype="bfloat16", compile=compiled,
@@ -81,7 +82,7 @@ def kernel_bench(compiled: bool, batch: int, chunk: int, cfg: GPTConfig, attenti
     del trainer, model, data
     torch.cuda.empty_cache()
     return (f"gpt gpu | {args.compile_mode if compiled else 'eager':8} | 12x768 h12 ctx1024 V50304 b{batch} bf16 | "
-            f"loss {'fused, chunks of ' + str(chunk) if chunk else 'plain'} | attention {attention} | "
+            f"loss {loss_paths.describe(chunk, args.ignored)} | attention {attention} | "
             f"{tok_s:,.0f} tokens/s | MFU {100 * mfu:.1f}% of {args.peak_tflops:g} TFLOP/s | "
             f"peak mem {peak_gib:.1f} GiB | {1000 * seconds / args.steps:.0f} ms/step | warmup {warmup_s:.0f} s | "
             + (f"rounds {', '.join(f'{x:,.0f}' for x in per_round)} (best {max(per_round):,.0f}) | "
@@ -100,7 +101,10 @@ def main() -> None:
                    help="let inductor tune its generated kernels' launch parameters (longer compile)")
     p.add_argument("--peak-tflops", type=float, default=800.0, help="bf16 peak for MFU")
     p.add_argument("--variants", default="compiled,eager", help="comma-separated: compiled, eager")
-    p.add_argument("--loss-chunk", default="0", help="comma-separated: 0 (plain loss) or fused-loss chunk sizes")
+    p.add_argument("--loss-chunk", default="0",
+                   help="comma-separated: 0 (plain loss), N (fused loss in chunks of N), Ns (N over kept targets)")
+    p.add_argument("--ignored", type=float, default=0.0,
+                   help="share of ignored targets, as the first part of every 64 tokens (instruction tuning)")
     p.add_argument("--sdpa", default="default", help=f"comma-separated attention kernels: {', '.join(SDPA)}")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -117,7 +121,7 @@ def main() -> None:
     for name, allowed, given in (("variant", ("compiled", "eager"), variants), ("sdpa", tuple(SDPA), sdpas)):
         if unknown := sorted(set(given) - set(allowed)):
             sys.exit(f"gpt_gpu_bench: unknown {name} {', '.join(unknown)} (known: {', '.join(allowed)})")
-    chunks = [int(c) for c in args.loss_chunk.split(",")]
+    chunks = loss_paths.parse(args.loss_chunk)
     batches = [int(b) for b in args.batch.split(",")]
     for variant, sdpa, chunk, batch in itertools.product(variants, sdpas, chunks, batches):
         try:

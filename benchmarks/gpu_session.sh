@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu_session.sh checks     # cuda_checks.py: every CUDA path against its CPU reference
 #   bash benchmarks/gpu_session.sh gpt        # GPT-2 small, compiled: loss path x attention kernel
 #   bash benchmarks/gpu_session.sh gpt-eager  # the same, eager, at two micro-batches
+#   bash benchmarks/gpu_session.sh sft        # eager, 58% of the targets ignored: the fused head over kept ones
 #   bash benchmarks/gpu_session.sh w2v        # word2vec: triton and torch engines, speed and quality
 #
 # Each phase writes its log (and the word2vec JSON) to $OUT, or to ./gpu-out when OUT is unset.
@@ -21,7 +22,7 @@
 # run with a shorter corpus.
 set -uo pipefail
 
-phase=${1:?usage: bash benchmarks/gpu_session.sh checks|gpt|gpt-eager|w2v}
+phase=${1:?usage: bash benchmarks/gpu_session.sh checks|gpt|gpt-eager|sft|w2v}
 out=${OUT:-gpu-out}
 mkdir -p "$out"
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -47,6 +48,9 @@ case $phase in
   gpt-eager)
     "$py" benchmarks/gpt_gpu_bench.py --variants eager --batch 16,32 --rounds 5 --loss-chunk 0,4096,8192 \
       --sdpa default,cudnn,flash ;;
+  sft)  # the fused head over the response tokens only, as the sft stage trains it (eager)
+    "$py" benchmarks/gpt_gpu_bench.py --variants eager --batch 16 --rounds 3 --ignored 0.58 \
+      --loss-chunk 0,8192,8192s ;;
   w2v)
     corpus=$data/corpus_en_large.train.txt
     if [ ! -f "$corpus" ] && [ -f "$corpus.xz" ]; then xz -dk "$corpus.xz"; fi
@@ -54,6 +58,6 @@ case $phase in
     "$py" benchmarks/word2vec_gpu_bench.py "$corpus" --eval-dir "$data/eval" --epochs 3 --engines triton torch \
       --streams 4096 16384 65536 --json "$out/word2vec_gpu_bench.json" ;;
   *)
-    echo "gpu_session: unknown phase $phase (checks, gpt, gpt-eager, w2v)" >&2; exit 2 ;;
+    echo "gpu_session: unknown phase $phase (checks, gpt, gpt-eager, sft, w2v)" >&2; exit 2 ;;
 esac 2>&1 | tee -a "$out/$phase.log"
 exit "${PIPESTATUS[0]}"
