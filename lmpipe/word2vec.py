@@ -432,8 +432,6 @@ def _train_cpu(model: Word2VecModel, ids: np.ndarray, starts: np.ndarray, tables
     threads = s.threads or os.cpu_count() or 1
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     keep, table, codes, points, lengths = tables
-    if s.chunk_words < 1:
-        raise ValueError(f"word2vec: chunk_words must be >= 1, got {s.chunk_words}")
     schedule = Schedule(starts, s.chunk_words, s.streams or threads, s.epochs)
     per_part = max(1, s.report_words // s.chunk_words * threads // schedule.n_parts)  # chunks of each part per call
     t0 = time.perf_counter()
@@ -616,6 +614,10 @@ def train(sentences: Sequence[Sequence[str]] | None = None, settings: Word2VecSe
     every ``settings.report_words`` words; ``epoch_done(epoch, record, model)`` is called after each epoch with the
     model's vectors current, e.g. to log nearest neighbours.
     """
+    if settings.engine not in ENGINES:
+        raise ValueError(f"word2vec: unknown engine {settings.engine!r}; engines: {', '.join(ENGINES)}")
+    if settings.chunk_words < 1:
+        raise ValueError(f"word2vec: chunk_words must be >= 1, got {settings.chunk_words}")
     if vocab is None:
         counts: dict[str, int] = {}
         for sent in sentences or ():
@@ -635,8 +637,6 @@ def train(sentences: Sequence[Sequence[str]] | None = None, settings: Word2VecSe
     model = Word2VecModel(list(words), np.asarray(freq), syn0, syn1, settings)
     codes, points, lengths, table = output_tables(freq, settings.hs)
     tables = (keep_probabilities(freq, settings.sample), table, codes, points, lengths)
-    if settings.engine not in ENGINES:
-        raise ValueError(f"word2vec: unknown engine {settings.engine!r}; engines: {', '.join(ENGINES)}")
     if settings.engine == "triton":
         try:
             from lmpipe import word2vec_triton
