@@ -434,13 +434,15 @@ def _train_cpu(model: Word2VecModel, ids: np.ndarray, starts: np.ndarray, tables
     keep, table, codes, points, lengths = tables
     schedule = Schedule(starts, s.chunk_words, s.streams or threads, s.epochs)
     per_part = max(1, s.report_words // s.chunk_words * threads // schedule.n_parts)  # chunks of each part per call
+    args = (keep, model.syn0, model.syn1, model.syn1, codes, points, lengths, table, s.sg, s.cbow_mean, s.window,
+            s.negative, s.hs, s.start_alpha, s.start_alpha * s.min_alpha_ratio, schedule.total)
+    none = np.zeros(0, np.int64)
+    _train_chunks(ids, starts, none, none, none, *args, s.seed)  # load the compiled kernel and start its threads
     t0 = time.perf_counter()
     for epoch in range(s.epochs):
         sums, t_epoch = np.zeros(3), time.perf_counter()
         for first, end, before in schedule.epoch(per_part):
-            out = _train_chunks(ids, starts, first, end, before, keep, model.syn0, model.syn1, model.syn1, codes,
-                                points, lengths, table, s.sg, s.cbow_mean, s.window, s.negative, s.hs, s.start_alpha,
-                                s.start_alpha * s.min_alpha_ratio, schedule.total, s.seed + epoch * 100_003)
+            out = _train_chunks(ids, starts, first, end, before, *args, s.seed + epoch * 100_003)
             sums += out.sum(axis=0)
             if progress is not None:
                 progress(_report(epoch, out.sum(axis=0), schedule.done, schedule.total, t0, s))
