@@ -196,7 +196,7 @@ def _train_word2vec(cfg: EmbeddingsConfig, sentences: list[list[str]], out: Path
         wv = WordVectors(model.words, model.syn0)
         ev = evaluate(wv, cfg)
         metrics |= {f"w2v_{variant}_{k}": v for k, v in ev.items()}
-        # words/s as the engine times its training (setup and the per-epoch logging are in the seconds)
+        # words/s as the engine times it, from its first training call on (setup counts in the seconds only)
         metrics |= {f"w2v_{variant}_words_per_s": model.history[-1]["words_per_s"], f"w2v_{variant}_seconds": wall,
                     f"w2v_{variant}_tokens_trained": float(corpus[1][-1] * s.epochs),
                     f"w2v_{variant}_final_loss": model.history[-1]["loss"], f"w2v_{variant}_vocab": float(len(wv))}
