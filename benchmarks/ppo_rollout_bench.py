@@ -67,7 +67,7 @@ def cpu_bench(threads: int = 2) -> dict[str, float]:
     gen = torch.Generator().manual_seed(0)
     ac.eval()
     batch, t_gen = timed(lambda: ppo.sample(ac, rows, cfg, gen), device)
-    ppo.annotate(ac, ref, batch, cfg.temperature)
+    ppo.annotate(ac, ref, batch, cfg.temperature, cfg.loss_chunk)
     adv = torch.randn_like(batch.data["logp"]) * batch.mask
     batch.data.update(advantages=rl.masked_whiten(adv, batch.mask), returns=torch.randn_like(adv) * batch.mask)
     loss_fn = ppo.ppo_loss(cfg, ppo.UpdateStats())

@@ -486,6 +486,12 @@ class PpoConfig:
     dtype: Literal["auto", "float32", "bfloat16"] = knob(
         "auto", "Autocast precision; auto is bf16 on GPUs with it, else float32."
     )
+    loss_chunk: int = knob(
+        1024,
+        "Response tokens per chunk of the fused LM head that makes the log-probs and entropies (rollouts and "
+        "updates), which never holds the (tokens x vocabulary) logits in full and, outside torch.compile, skips "
+        "the padding after each response (0: make all the logits).",
+    )
     compile: bool = knob(False, "Compile the actor-critic with torch.compile (updates only).")
     seed: int = knob(1337, "Seed of the prompt order, the rollouts and the minibatch order.")
     deterministic: bool = knob(True, "Ask PyTorch for deterministic kernels (exact resume on CPU).")
@@ -510,8 +516,10 @@ class PpoConfig:
             raise ConfigError("ppo needs 0 <= min_lr <= lr and warmup_steps >= 0")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ConfigError("ppo.beta1 and ppo.beta2 must be in [0, 1)")
-        if min(self.heldout_prompts, self.sample_rows, self.save_every, self.keep_last, self.threads) < 0:
-            raise ConfigError("ppo.heldout_prompts, sample_rows, save_every, keep_last and threads must be >= 0")
+        if min(self.heldout_prompts, self.sample_rows, self.save_every, self.keep_last, self.threads,
+               self.loss_chunk) < 0:
+            raise ConfigError("ppo.heldout_prompts, sample_rows, save_every, keep_last, threads and loss_chunk "
+                              "must be >= 0")
 
 
 @dataclass(frozen=True)

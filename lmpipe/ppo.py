@@ -121,14 +121,45 @@ class ActorCritic(nn.Module):
         self.value = value
         self.value_head = zero_head(policy.config.n_embd) if value is None else None
 
-    def forward(self, idx: torch.Tensor, positions: torch.Tensor, attn_mask: torch.Tensor, start: int = 0
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits (B, T', V) and values (B, T') at positions ``start`` onwards (T' = T - start)."""
-        hidden = self.policy.hidden(idx, positions, attn_mask)[:, start:]  # (B, T', C)
-        logits = self.policy.lm_head(hidden)
+    def forward(self, idx: torch.Tensor, positions: torch.Tensor, attn_mask: torch.Tensor, start: int,
+                response: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0, chunk: int = 1024
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Log-probs, entropies and values (B, N) of the N ``response`` tokens predicted from columns ``start``
+        onwards (:func:`response_logprobs`; 0 at padding). The values are those of the states the tokens are
+        chosen in."""
+        N = response.size(1)
+        hidden = self.policy.hidden(idx, positions, attn_mask)[:, start : start + N]  # (B, N, C)
+        logp, entropy = response_logprobs(self.policy, hidden, response, mask, temperature, chunk)
         if self.value_head is not None:
-            return logits, self.value_head(hidden).squeeze(-1)
-        return logits, self.value(idx, positions, attn_mask, start)
+            return logp, entropy, self.value_head(hidden).squeeze(-1)
+        return logp, entropy, self.value(idx, positions, attn_mask, start)[:, :N]
+
+
+def response_logprobs(model: GPT, hidden: torch.Tensor, response: torch.Tensor, mask: torch.Tensor,
+                      temperature: float, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs and entropies (B, N) of ``response`` under softmax(model's head(``hidden``) / temperature).
+
+    ``hidden`` (B, N, C) are the final states that predict the tokens. With ``chunk`` > 0 the head goes
+    through :func:`lmpipe.rl.linear_logprobs` over the real tokens only (``mask``), ``chunk`` at a time, and
+    no (B, N, V) logits are made; 0 makes the full logits. Padding positions hold 0 either way. Under
+    ``torch.compile`` every position goes through the head (finding the real ones has a data-dependent shape).
+    """
+    B, N = response.shape
+    weight = model.lm_head.weight
+    if chunk == 0:
+        logits = rl.widen(model.lm_head(hidden)) / temperature
+        m = mask.to(torch.float32)
+        return rl.logprobs_from_logits(logits, response) * m, rl.entropy_from_logits(logits) * m
+    h, tokens = hidden.flatten(0, 1), response.reshape(-1)
+    if torch.compiler.is_compiling():
+        logp, entropy = rl.linear_logprobs(h, weight, tokens, temperature, chunk)
+        m = mask.to(logp.dtype)
+        return logp.view(B, N) * m, entropy.view(B, N) * m
+    keep = mask.reshape(-1).nonzero().squeeze(1)
+    logp, entropy = rl.linear_logprobs(h.index_select(0, keep), weight, tokens.index_select(0, keep), temperature,
+                                       chunk)
+    zeros = logp.new_zeros(B * N)
+    return zeros.index_copy(0, keep, logp).view(B, N), zeros.index_copy(0, keep, entropy).view(B, N)
 
 
 def reward_value_model(reward_model: Any) -> ValueModel:
@@ -205,11 +236,6 @@ def layout(prompts: Sequence[Sequence[int]], response: torch.Tensor, mask: torch
     return Batch(torch.cat([prompt, response], 1), positions, attn, P, response, mask, finished)
 
 
-def token_logprobs(logits: torch.Tensor, batch: Batch, temperature: float) -> torch.Tensor:
-    """Log-probs (B, N) of the response tokens under softmax(logits / T) (the distribution sampled from)."""
-    return rl.logprobs_from_logits(logits / temperature, batch.response)
-
-
 @torch.no_grad()
 def sample(model: ActorCritic, prompts: Sequence[Sequence[int]], cfg: PpoConfig, generator: torch.Generator
            ) -> Batch:
@@ -221,14 +247,19 @@ def sample(model: ActorCritic, prompts: Sequence[Sequence[int]], cfg: PpoConfig,
 
 
 @torch.no_grad()
-def annotate(model: ActorCritic, ref: GPT, batch: Batch, temperature: float) -> None:
-    """Add the policy's and the reference's log-probs and the values of every response state to ``batch``."""
+def annotate(model: ActorCritic, ref: GPT, batch: Batch, temperature: float, chunk: int = 1024) -> None:
+    """Add the policy's and the reference's log-probs and the values of every response state to ``batch``.
+
+    The log-probs are under softmax(logits / ``temperature``), the distribution the tokens were sampled from,
+    made as in the updates (:func:`response_logprobs`, ``chunk``), so the first update's ratio is exactly 1.
+    """
     start, N = batch.prompt_len - 1, batch.response.size(1)
-    logits, values = model(batch.idx, batch.positions, batch.attn_mask, start)
-    ref_logits = ref.lm_head(ref.hidden(batch.idx, batch.positions, batch.attn_mask)[:, start:])
-    batch.data["logp"] = token_logprobs(logits[:, :N], batch, temperature)
-    batch.data["ref_logp"] = token_logprobs(ref_logits[:, :N], batch, temperature)
-    batch.data["values"] = values[:, :N].float() * batch.mask
+    logp, _, values = model(batch.idx, batch.positions, batch.attn_mask, start, batch.response, batch.mask,
+                            temperature, chunk)
+    ref_hidden = ref.hidden(batch.idx, batch.positions, batch.attn_mask)[:, start : start + N]
+    batch.data["logp"] = logp
+    batch.data["ref_logp"] = response_logprobs(ref, ref_hidden, batch.response, batch.mask, temperature, chunk)[0]
+    batch.data["values"] = values.float() * batch.mask
 
 
 def score_batch(reward_model: RewardScorer, template: ChatTemplate, prompts: Sequence[Sequence[Message]],
@@ -271,11 +302,10 @@ def ppo_loss(cfg: PpoConfig, stats: UpdateStats) -> Callable[[nn.Module, Batch],
     """The loss of one micro-batch: clipped surrogate + vf_coef · clipped value loss - entropy_coef · entropy."""
 
     def loss_fn(model: nn.Module, mb: Batch) -> tuple[torch.Tensor, int]:
-        N, d = mb.response.size(1), mb.data
-        logits, values = model(mb.idx, mb.positions, mb.attn_mask, mb.prompt_len - 1)
-        logits, values = logits[:, :N].float() / cfg.temperature, values[:, :N].float()
-        logp = rl.logprobs_from_logits(logits, mb.response)
-        entropy = rl.masked_mean(rl.entropy_from_logits(logits), mb.mask)
+        d = mb.data
+        logp, entropy, values = model(mb.idx, mb.positions, mb.attn_mask, mb.prompt_len - 1, mb.response, mb.mask,
+                                      cfg.temperature, cfg.loss_chunk)
+        values, entropy = values.float(), rl.masked_mean(entropy, mb.mask)
         pg_loss = rl.clipped_surrogate_loss(logp, d["logp"], d["advantages"], mb.mask, cfg.clip_range)
         vf_loss = rl.clipped_value_loss(values, d["values"], d["returns"], mb.mask, cfg.value_clip)
         with torch.no_grad():
@@ -362,7 +392,7 @@ def iteration(models: PpoModels, trainer: Trainer, ctl: rl.FixedKLController | r
         batch = sample(ac, prompt_ids, cfg, generator)
     t_gen = time.perf_counter() - t0
     with autocast(device, trainer.dtype):
-        annotate(ac, models.ref, batch, cfg.temperature)
+        annotate(ac, models.ref, batch, cfg.temperature, cfg.loss_chunk)
     d, mask = batch.data, batch.mask
     # 2. score
     _, raw = score_batch(models.reward, models.template, prompts, batch)

@@ -76,15 +76,114 @@ def _reduced(sums: torch.Tensor, reduce: Reduce) -> torch.Tensor:
 # log-probabilities, entropy, KL
 
 
+def widen(logits: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits in float32 (float32 and float64 stay as they are)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[token] for every position: (B, T, V), (B, T) -> (B, T), in float32."""
-    return torch.gather(F.log_softmax(logits.float(), dim=-1), -1, tokens.unsqueeze(-1)).squeeze(-1)
+    """log softmax(logits)[token] for every position: (B, T, V), (B, T) -> (B, T), in float32 (or float64)."""
+    return torch.gather(F.log_softmax(widen(logits), dim=-1), -1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of softmax(logits) at every position: H = logsumexp(l) - sum_v p_v l_v. (B, T, V) -> (B, T)."""
-    logits = logits.float()
+    logits = widen(logits)
     return torch.logsumexp(logits, dim=-1) - (F.softmax(logits, dim=-1) * logits).sum(-1)
+
+
+def _head_logits(x: torch.Tensor, w: torch.Tensor, temperature: float) -> torch.Tensor:
+    """One chunk's logits ``x @ w.T / temperature``: the matmul in its inputs' dtype, the result in float32 (or
+    float64), as a linear layer under autocast followed by ``.float()``."""
+    return widen(x @ w.t()).div_(temperature)
+
+
+class _LinearLogprobs(torch.autograd.Function):
+    """Log-probs of given tokens and entropies through the LM head, chunk by chunk, logits recomputed in backward.
+
+    Forward keeps per row only the log-sum-exp and the mean logit under the softmax. Backward remakes each
+    chunk's logits and applies d log p_y / dl = onehot(y) - p and dH / dl = -p (l - E_p[l]), weighted by the
+    upstream gradients of the two outputs. The loss of PPO is not linear in the log-probs (the ratio, the clip),
+    so the gradients cannot be made in forward as :func:`lmpipe.gpt.linear_cross_entropy` does; recomputing
+    costs one more (chunk × C × V) matmul per chunk and holds no (N, V) tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, temperature: float, chunk: int,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        logp, entropy, lse, mean_logit = _logprobs_entropy(h.to(dtype), weight.to(dtype), tokens, temperature, chunk)
+        ctx.save_for_backward(h, weight, tokens, lse, mean_logit)
+        ctx.temperature, ctx.chunk, ctx.dtype = temperature, chunk, dtype
+        ctx.set_materialize_grads(False)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, g_logp: torch.Tensor | None, g_entropy: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        h, weight, tokens, lse, mean_logit = ctx.saved_tensors
+        if g_logp is None and g_entropy is None:
+            return None, None, None, None, None, None
+        x_all, w, chunk = h.to(ctx.dtype), weight.to(ctx.dtype), ctx.chunk
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32))
+        with torch.autocast(h.device.type, enabled=False):
+            for s in range(0, h.shape[0], chunk):
+                x, rows = x_all[s : s + chunk], slice(s, s + chunk)
+                logits = _head_logits(x, w, ctx.temperature)  # (c, V)
+                p = torch.exp(logits - lse[rows, None])
+                if g_entropy is None:  # -p g
+                    g = p.mul_(-g_logp[rows, None])
+                else:  # -p (g_logp + g_H (l - E[l]))
+                    g = logits.sub_(mean_logit[rows, None]).mul_(g_entropy[rows, None])
+                    if g_logp is not None:
+                        g.add_(g_logp[rows, None])
+                    g = g.mul_(p).neg_()
+                if g_logp is not None:  # + g at the token: the one-hot part of d log p_y / dl
+                    g.scatter_add_(1, tokens[rows, None], g_logp[rows, None].to(g.dtype))
+                g = g.div_(ctx.temperature).to(ctx.dtype)
+                grad_h[rows] = g @ w
+                if ctx.dtype == grad_w.dtype:
+                    grad_w.addmm_(g.t(), x)
+                else:  # addmm_ needs one dtype: the chunk's product is rounded once, then summed in float32
+                    grad_w += g.t() @ x
+        return grad_h, grad_w.to(weight.dtype), None, None, None, None
+
+
+def _logprobs_entropy(x_all: torch.Tensor, w: torch.Tensor, tokens: torch.Tensor, temperature: float, chunk: int
+                      ) -> tuple[torch.Tensor, ...]:
+    """Per row of ``x_all``: log p(token), the entropy, the log-sum-exp and E_p[logit], ``chunk`` rows at a time."""
+    n, wide = x_all.shape[0], torch.promote_types(x_all.dtype, torch.float32)
+    logp, entropy, lse, mean_logit = (torch.empty(n, dtype=wide, device=x_all.device) for _ in range(4))
+    with torch.autocast(x_all.device.type, enabled=False):
+        for s in range(0, n, chunk):
+            rows = slice(s, s + chunk)
+            logits = _head_logits(x_all[rows], w, temperature)
+            lse[rows] = torch.logsumexp(logits, dim=1)
+            logp[rows] = logits.gather(1, tokens[rows, None]).squeeze(1) - lse[rows]
+            mean_logit[rows] = (torch.exp(logits - lse[rows, None]) * logits).sum(1)
+    torch.sub(lse, mean_logit, out=entropy)
+    return logp, entropy, lse, mean_logit
+
+
+def linear_logprobs(h: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
+                    chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of ``tokens`` and entropies under softmax(h @ weight.T / temperature), without the (N, V) logits.
+
+    ``h`` (N, C) are final hidden states, ``weight`` (V, C) the LM head, ``tokens`` (N,). Returns ``(logp,
+    entropy)``, each (N,), equal to :func:`logprobs_from_logits` and :func:`entropy_from_logits` of those
+    logits, with gradients. The logits are made ``chunk`` rows at a time (and again in backward), so the
+    largest thing held is one chunk's (chunk, V) logits. Under autocast the matmuls run in the autocast dtype
+    and the softmax in float32, as in the plain path.
+    """
+    if chunk < 1:
+        raise ValueError(f"linear_logprobs: chunk must be >= 1, got {chunk}")
+    if temperature <= 0:
+        raise ValueError(f"linear_logprobs: temperature must be > 0, got {temperature}")
+    device = h.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        return _LinearLogprobs.apply(h, weight, tokens, temperature, chunk, dtype)
+    logp, entropy, _, _ = _logprobs_entropy(h.to(dtype), weight.to(dtype), tokens, temperature, chunk)
+    return logp, entropy
 
 
 def kl_k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:

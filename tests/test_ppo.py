@@ -108,6 +108,32 @@ def test_rollout_logprobs_equal_each_row_computed_alone():
     assert torch.equal(batch.data["values"], torch.zeros(2, 3))  # the value head starts at 0
 
 
+@pytest.mark.parametrize("value_model", ["policy", "reward"])
+def test_fused_head_equals_the_full_logits_path(value_model):
+    policy = tiny_gpt().double()
+    value = ppo.ValueModel(tiny_gpt(seed=1).double()) if value_model == "reward" else None
+    model = ppo.ActorCritic(policy, value).double().eval()
+    torch.nn.init.normal_(value.head.weight if value else model.value_head.weight)  # non-zero values
+    prompts = [[0, 3, 50, 51, 5, 4], [0, 3, 60, 5, 4], [0, 7, 4]]
+    response = torch.tensor([[70, 71, END_ID, PAD_ID], [80, END_ID, PAD_ID, PAD_ID], [90, 91, 92, 93]])
+    mask = (response != PAD_ID).long()
+    batch = ppo.layout(prompts, response, mask, torch.tensor([True, True, False]))
+    weights = torch.randn(3, 4, dtype=torch.float64)
+    results = []
+    for chunk in (0, 3):  # the full logits, then the fused head over the 9 real tokens in chunks of 3
+        model.zero_grad()
+        logp, entropy, values = model(batch.idx, batch.positions, batch.attn_mask, batch.prompt_len - 1,
+                                      response, mask, temperature=0.7, chunk=chunk)
+        ((logp + 0.1 * entropy + values) * weights).sum().backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        results.append((logp, entropy, values, *grads))
+    assert len(results[0]) == len(results[1])
+    for plain, fused in zip(*results, strict=True):
+        torch.testing.assert_close(fused, plain, rtol=1e-10, atol=1e-12)
+    logp, entropy = results[1][:2]
+    assert (logp[mask == 0] == 0).all() and (entropy[mask == 0] == 0).all() and (logp[mask == 1] < 0).all()
+
+
 def test_minibatches_and_prompt_order():
     parts = ppo.minibatches(10, 4, 2, torch.Generator().manual_seed(0))
     assert [[len(m) for m in mb] for mb in parts] == [[2, 2], [2, 2], [2]]
@@ -227,12 +253,12 @@ def test_value_model_starts_as_a_copy_of_the_reward_model(assets, tmp_path):
                                                                                      rm.net.head.weight)
     assert value.body.wte.weight.data_ptr() != rm.net.gpt.wte.weight.data_ptr()  # a trainable copy
     assert all(p.requires_grad for p in value.parameters())
-    # the value of the state before the end token equals the reward read there (same network, same input)
+    # the value read at the end token equals the reward read there (same network, same input)
     template = ChatTemplate(rm.template.tokenizer)
     ids = template.render_prompt("What does `mod.alpha0` do?")
     answer = template.encode_texts(["Return a value."])[0] + [END_ID]
     batch = ppo.layout([ids], torch.tensor([answer]), torch.ones(1, len(answer)), torch.tensor([True]))
-    _, values = models.actor_critic(batch.idx, batch.positions, batch.attn_mask)
+    values = value(batch.idx, batch.positions, batch.attn_mask)
     assert values[0, -1].item() == pytest.approx(rm.score(["What does `mod.alpha0` do?"], ["Return a value."])[0],
                                                  abs=1e-4)
     with pytest.raises(reward.WeakRewardModel):

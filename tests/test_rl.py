@@ -55,6 +55,63 @@ def test_logprobs_and_entropy_from_logits():
     assert close(rl.entropy_from_logits(torch.zeros(1, 1, 4)), [[math.log(4.0)]])
 
 
+def test_linear_logprobs_by_hand():
+    # h = (1, 1) against rows (0, 0) and (0, ln 3): logits (0, ln 3), p = (1/4, 3/4)
+    h = torch.tensor([[1.0, 1.0]], dtype=torch.float64, requires_grad=True)
+    w = torch.tensor([[0.0, 0.0], [0.0, math.log(3.0)]], dtype=torch.float64, requires_grad=True)
+    logp, entropy = rl.linear_logprobs(h, w, torch.tensor([1]))
+    assert close(logp, [math.log(0.75)]) and close(entropy, [0.562335])
+    logp.sum().backward()  # d log p_1 / dl = onehot(1) - p = (-1/4, 1/4); dl / dw_v = h, dl / dh = sum_v g_v w_v
+    assert close(w.grad, [[-0.25, -0.25], [0.25, 0.25]]) and close(h.grad, [[0.0, 0.25 * math.log(3.0)]])
+    h.grad = w.grad = None
+    # at temperature 2: logits (0, ln 3) / 2, p = (1, sqrt 3) / (1 + sqrt 3)
+    _, entropy = rl.linear_logprobs(h, w, torch.tensor([1]), temperature=2.0)
+    p = torch.tensor([1.0, math.sqrt(3.0)]) / (1 + math.sqrt(3.0))
+    assert close(entropy, [float(-(p * p.log()).sum())])
+    entropy.sum().backward()  # dH / dl = -p (l - E[l]), then 1 / T for the division
+    lgt = torch.tensor([0.0, math.log(3.0) / 2])
+    g = -p * (lgt - (p * lgt).sum()) / 2
+    assert close(w.grad, [[g[0], g[0]], [g[1], g[1]]]) and close(h.grad, [[0.0, g[1] * math.log(3.0)]])
+
+
+def _logprobs_problem(n: int = 23, c: int = 6, v: int = 17) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(n, c, dtype=torch.float64, generator=gen).requires_grad_()
+    w = torch.randn(v, c, dtype=torch.float64, generator=gen).requires_grad_()
+    return h, w, torch.randint(0, v, (n,), generator=gen)
+
+
+@pytest.mark.parametrize("uses", ["both", "logp", "entropy"])
+def test_linear_logprobs_equal_the_full_logits_path_in_float64(uses):
+    h, w, tokens = _logprobs_problem()
+    gen = torch.Generator().manual_seed(1)
+    a, b = torch.randn(23, dtype=torch.float64, generator=gen), torch.randn(23, dtype=torch.float64, generator=gen)
+    results = []
+    for fused in (False, True):
+        if fused:  # chunks of 5: the last one is short
+            logp, entropy = rl.linear_logprobs(h, w, tokens, temperature=0.7, chunk=5)
+        else:
+            logits = h @ w.t() / 0.7
+            logp = torch.log_softmax(logits, -1).gather(1, tokens[:, None]).squeeze(1)
+            entropy = -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1)
+        loss = {"both": (logp * a).sum() + (entropy * b).sum(), "logp": (logp * a).sum(),
+                "entropy": (entropy * b).sum()}[uses]
+        results.append((logp, entropy, *torch.autograd.grad(loss, (h, w))))
+    for plain, fused in zip(*results, strict=True):
+        torch.testing.assert_close(fused, plain, rtol=1e-12, atol=1e-12)
+
+
+def test_linear_logprobs_gradcheck_and_no_grad_path():
+    h, w, tokens = _logprobs_problem(n=7, c=3, v=5)
+    assert torch.autograd.gradcheck(lambda h, w: rl.linear_logprobs(h, w, tokens, 1.3, chunk=3), (h, w))
+    with torch.no_grad():  # no graph: the forward-only loop, same numbers
+        plain = rl.linear_logprobs(h, w, tokens, 1.3, chunk=3)
+    for a, b in zip(plain, rl.linear_logprobs(h, w, tokens, 1.3, chunk=100), strict=True):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="chunk"):
+        rl.linear_logprobs(h, w, tokens, chunk=0)
+
+
 def test_kl_estimators_by_hand():
     logp, ref = torch.log(torch.tensor([0.5, 0.25])), torch.log(torch.tensor([0.25, 0.5]))
     # token 1: π = 1/2, π_ref = 1/4: k1 = ln 2; r = 1/2, k3 = (1/2 - 1) - ln(1/2) = 0.19315
