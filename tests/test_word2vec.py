@@ -243,6 +243,18 @@ def test_gpu_step_update_is_minus_alpha_times_the_gradient(sg, hs):
     torch.testing.assert_close((t["syn1"] - syn1) / -0.1, a1.grad, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("sg", [True, False])
+@pytest.mark.parametrize("hs", [False, True])
+def test_gpu_warm_up_step_changes_no_weight(sg, hs):
+    # the torch engine's warm-up before its clock: one centre with no context slot, α 0
+    syn0, syn1, t, *_ = _gpu_step_case(sg, hs, cap=10**9)
+    before = {k: t[k].clone() for k in ("syn0", "syn1")}
+    s = w2v.Word2VecSettings(sg=sg, hs=hs, dim=4, window=2, negative=2)
+    loss, examples = w2v._gpu_step(t, torch.tensor([1]), torch.full((1, 4), -1), s, 0.0, torch.Generator())
+    assert float(loss) == 0.0 and float(examples) == 0.0
+    assert torch.equal(t["syn0"], before["syn0"]) and torch.equal(t["syn1"], before["syn1"])
+
+
 def test_gpu_row_cap_scales_a_busy_rows_update():
     free = _gpu_step_case(True, False, cap=10**9)
     capped = _gpu_step_case(True, False, cap=2)
