@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_session.sh gpt-eager  # the same, eager, at two micro-batches
 #   bash benchmarks/gpu_session.sh sft        # eager, 58% of the targets ignored: the fused head over kept ones
 #   bash benchmarks/gpu_session.sh w2v        # word2vec: triton and torch engines, speed and quality
+#   bash benchmarks/gpu_session.sh ppo        # PPO at the gpu preset's shapes: rollouts, then the LM head's paths
 #
 # Each phase writes its log (and the word2vec JSON) to $OUT, or to ./gpu-out when OUT is unset.
 #
@@ -22,7 +23,7 @@
 # run with a shorter corpus.
 set -uo pipefail
 
-phase=${1:?usage: bash benchmarks/gpu_session.sh checks|gpt|gpt-eager|sft|w2v}
+phase=${1:?usage: bash benchmarks/gpu_session.sh checks|gpt|gpt-eager|sft|w2v|ppo}
 out=${OUT:-gpu-out}
 mkdir -p "$out"
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -57,7 +58,10 @@ case $phase in
     [ -f "$corpus" ] || { echo "gpu_session: $corpus(.xz) is missing" >&2; exit 2; }
     "$py" benchmarks/word2vec_gpu_bench.py "$corpus" --eval-dir "$data/eval" --epochs 3 --engines triton torch \
       --streams 4096 16384 65536 --json "$out/word2vec_gpu_bench.json" ;;
+  ppo)  # rollout sampling (eager vs CUDA graph), then full logits vs the fused head: time and peak memory
+    "$py" benchmarks/ppo_rollout_bench.py cuda && \
+      "$py" benchmarks/ppo_head_bench.py --shape gpt2 --device cuda --chunks 0,1024,4096 --rounds 2 ;;
   *)
-    echo "gpu_session: unknown phase $phase (checks, gpt, gpt-eager, sft, w2v)" >&2; exit 2 ;;
+    echo "gpu_session: unknown phase $phase (checks, gpt, gpt-eager, sft, w2v, ppo)" >&2; exit 2 ;;
 esac 2>&1 | tee -a "$out/$phase.log"
 exit "${PIPESTATUS[0]}"
