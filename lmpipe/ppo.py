@@ -251,7 +251,8 @@ def annotate(model: ActorCritic, ref: GPT, batch: Batch, temperature: float, chu
     """Add the policy's and the reference's log-probs and the values of every response state to ``batch``.
 
     The log-probs are under softmax(logits / ``temperature``), the distribution the tokens were sampled from,
-    made as in the updates (:func:`response_logprobs`, ``chunk``), so the first update's ratio is exactly 1.
+    made as in the updates (:func:`response_logprobs`, ``chunk``): before the first step, the updates' ratios
+    differ from 1 by the rounding of other batch shapes only.
     """
     start, N = batch.prompt_len - 1, batch.response.size(1)
     logp, _, values = model(batch.idx, batch.positions, batch.attn_mask, start, batch.response, batch.mask,

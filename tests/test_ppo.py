@@ -134,6 +134,17 @@ def test_fused_head_equals_the_full_logits_path(value_model):
     assert (logp[mask == 0] == 0).all() and (entropy[mask == 0] == 0).all() and (logp[mask == 1] < 0).all()
 
 
+def test_fused_head_stays_one_graph_under_compile():
+    model = ppo.ActorCritic(tiny_gpt()).eval()
+    response = torch.tensor([[70, 71, END_ID], [80, END_ID, PAD_ID]])
+    mask = (response != PAD_ID).long()
+    batch = ppo.layout([[0, 3, 50, 51, 5, 4], [0, 3, 60, 5, 4]], response, mask, torch.tensor([True, True]))
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(batch.idx, batch.positions, batch.attn_mask, batch.prompt_len - 1,
+                                             response, mask, 0.7, 4)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+
+
 def test_minibatches_and_prompt_order():
     parts = ppo.minibatches(10, 4, 2, torch.Generator().manual_seed(0))
     assert [[len(m) for m in mb] for mb in parts] == [[2, 2], [2, 2], [2]]
