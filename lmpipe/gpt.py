@@ -422,5 +422,32 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
         drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return categorical(logits.softmax(-1), generator)
+
+
+def categorical(probs: torch.Tensor, generator: torch.Generator | None = None, block: int = 64) -> torch.Tensor:
+    """One index per row of ``probs`` (B, V), drawn with probability proportional to its entry (rows with a
+    positive sum), like ``torch.multinomial(probs, 1)``.
+
+    On the CPU, ``torch.multinomial`` draws one exponential number per entry (the exponential-race trick): for a
+    few dozen rows of a 4,096-token vocabulary that is most of a decoding step. Here two uniform numbers per row
+    do it, by inverse transform sampling in two levels: a block of ``block`` entries with probability in
+    proportion to its sum, then an entry within the block. The cumulative sums are in float64 and short (the
+    block count, then ``block``), so no entry's share is lost to rounding, and a zero entry is never drawn. Other
+    devices keep ``torch.multinomial``.
+    """
+    if probs.device.type != "cpu":
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    B, V = probs.shape
+    padded = F.pad(probs, (0, -V % block)).view(B, -1, block)  # (B, blocks, block), zero-padded
+    cum = padded.sum(-1).double().cumsum(-1)  # (B, blocks)
+    u = torch.rand(B, 2, dtype=torch.float64, generator=generator)
+    chosen = torch.searchsorted(cum, below(u[:, :1] * cum[:, -1:], cum[:, -1:]), right=True)  # (B, 1)
+    inner = padded.gather(1, chosen[..., None].expand(B, 1, block)).squeeze(1).double().cumsum(-1)  # (B, block)
+    within = torch.searchsorted(inner, below(u[:, 1:] * inner[:, -1:], inner[:, -1:]), right=True)
+    return (chosen * block + within).squeeze(1)
+
+
+def below(x: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """``x`` capped just below ``total``: u * total can round up to total, which would fall past the last entry."""
+    return torch.minimum(x, torch.nextafter(total, torch.zeros_like(total)))

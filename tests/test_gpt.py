@@ -6,8 +6,9 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from lmpipe.gpt import GPT, GPTConfig, linear_cross_entropy, sample_next
+from lmpipe.gpt import GPT, GPTConfig, below, categorical, linear_cross_entropy, sample_next
 
 torch.set_num_threads(1)
 
@@ -142,6 +143,30 @@ def test_top_k_and_top_p_by_hand():
     assert (drawn == 0).float().mean().item() == pytest.approx(0.5 / 0.8, abs=0.04)
     assert sample_next(logits, top_p=0.5, generator=g).eq(0).all()  # 0.5 above token 1 already reaches 0.5
     assert sample_next(logits, temperature=0).eq(0).all()
+
+
+def test_categorical_draws_in_proportion_and_never_a_zero_entry():
+    # 130 entries: three blocks of 64, the last one padded; the second block is all zero; weights sum to 10
+    w = torch.zeros(130)
+    w[[0, 1, 3, 63, 128, 129]] = torch.tensor([5.0, 3.0, 1.5, 0.49, 0.01, 0.0])
+    n = 200_000
+    drawn = categorical(w.expand(n, 130).contiguous(), torch.Generator().manual_seed(0))
+    counts = torch.bincount(drawn, minlength=130).double()
+    assert counts[w == 0].sum() == 0  # the zero block, the padding and every zero entry
+    p = w.double() / 10
+    sd = (n * p * (1 - p)).sqrt()
+    assert ((counts - n * p).abs() <= 5 * sd + 1)[w > 0].all(), counts[w > 0]  # 5 standard deviations
+    again = categorical(w.expand(n, 130).contiguous(), torch.Generator().manual_seed(0))
+    assert torch.equal(drawn, again)  # the generator decides the draw
+    for last in (63, 64, 129):  # one-hot rows at block edges
+        assert categorical(F.one_hot(torch.tensor([last] * 50), 130).float()).eq(last).all()
+
+
+def test_below_stays_under_the_total():
+    total = torch.tensor([[1.0], [3.5]], dtype=torch.float64)
+    capped = below(total.clone(), total)  # u * total rounded up to the total itself
+    assert (capped < total).all() and torch.equal(capped, torch.nextafter(total, torch.zeros_like(total)))
+    assert torch.equal(below(total / 2, total), total / 2)
 
 
 def test_rope_needs_even_head_dim():
