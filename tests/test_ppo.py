@@ -134,6 +134,30 @@ def test_fused_head_equals_the_full_logits_path(value_model):
     assert (logp[mask == 0] == 0).all() and (entropy[mask == 0] == 0).all() and (logp[mask == 1] < 0).all()
 
 
+def test_fused_head_under_bf16_autocast_matches_the_full_logits():
+    # the GPU path: matmuls in bf16, the softmax in float32, on either path
+    model = ppo.ActorCritic(tiny_gpt()).eval()  # no dropout: both paths see the same function
+    torch.nn.init.normal_(model.value_head.weight)
+    response = torch.tensor([[70, 71, END_ID], [80, END_ID, PAD_ID]])
+    mask = (response != PAD_ID).long()
+    batch = ppo.layout([[0, 3, 50, 51, 5, 4], [0, 3, 60, 5, 4]], response, mask, torch.tensor([True, True]))
+    results = []
+    for chunk in (0, 2):
+        model.zero_grad()
+        with torch.autocast("cpu", torch.bfloat16):
+            logp, entropy, values = model(batch.idx, batch.positions, batch.attn_mask, batch.prompt_len - 1,
+                                          response, mask, 0.7, chunk)
+        assert logp.dtype == entropy.dtype == torch.float32
+        (logp.sum() + 0.1 * entropy.sum() + values.float().sum()).backward()
+        results.append((logp.detach(), entropy.detach(), [p.grad.clone() for p in model.parameters()
+                                                          if p.grad is not None]))
+    (lp0, h0, g0), (lp1, h1, g1) = results
+    torch.testing.assert_close(lp1, lp0, rtol=0, atol=1e-5)
+    torch.testing.assert_close(h1, h0, rtol=0, atol=1e-5)
+    for a, b in zip(g0, g1, strict=True):  # the same bf16 products, summed in another order
+        assert float((a - b).abs().max()) <= 1e-2 * float(a.abs().max()) + 1e-6
+
+
 def test_fused_head_stays_one_graph_under_compile():
     model = ppo.ActorCritic(tiny_gpt()).eval()
     response = torch.tensor([[70, 71, END_ID], [80, END_ID, PAD_ID]])
