@@ -441,6 +441,9 @@ def categorical(probs: torch.Tensor, generator: torch.Generator | None = None, b
     B, V = probs.shape
     padded = F.pad(probs, (0, -V % block)).view(B, -1, block)  # (B, blocks, block), zero-padded
     cum = padded.sum(-1).double().cumsum(-1)  # (B, blocks)
+    total = cum[:, -1]
+    if not bool(((total > 0) & torch.isfinite(total)).all()):  # as torch.multinomial refuses such rows
+        raise ValueError("categorical: every row of probabilities needs a positive, finite sum (NaN or inf logits?)")
     u = torch.rand(B, 2, dtype=torch.float64, generator=generator)
     chosen = torch.searchsorted(cum, below(u[:, :1] * cum[:, -1:], cum[:, -1:]), right=True)  # (B, 1)
     inner = padded.gather(1, chosen[..., None].expand(B, 1, block)).squeeze(1).double().cumsum(-1)  # (B, block)

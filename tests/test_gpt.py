@@ -160,6 +160,11 @@ def test_categorical_draws_in_proportion_and_never_a_zero_entry():
     assert torch.equal(drawn, again)  # the generator decides the draw
     for last in (63, 64, 129):  # one-hot rows at block edges
         assert categorical(F.one_hot(torch.tensor([last] * 50), 130).float()).eq(last).all()
+    for bad in (float("nan"), float("inf")):  # a diverged model's logits: an error, not a silent draw
+        with pytest.raises(ValueError, match="positive, finite sum"):
+            categorical(torch.tensor([[0.5, 0.5], [bad, 0.5]]))
+    with pytest.raises(ValueError, match="positive, finite sum"):
+        categorical(torch.zeros(1, 3))
 
 
 def test_below_stays_under_the_total():
