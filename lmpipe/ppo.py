@@ -49,7 +49,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_model
 
-from lmpipe import grounded, instructions, rl
+from lmpipe import bootstrap, grounded, instructions, rl
 from lmpipe.bpe import END_ID, PAD_ID
 from lmpipe.chat import STOP_IDS, TEMPLATE_NAME, ChatTemplate, Message
 from lmpipe.checkpoint import read_model_config, save_model_folder
@@ -517,6 +517,11 @@ def comparison_markdown(models: dict[str, dict[str, float]], summary: dict[str, 
     for name, m in models.items():
         lines.append(f"| {name} | " + " | ".join(f"{m[k]:.4f}" for k, _ in COLUMNS) + " |")
     lines.append("| change | " + " | ".join(f"{models['ppo'][k] - models['sft'][k]:+.4f}" for k, _ in COLUMNS) + " |")
+    if "heldout_reward_gain_low" in summary:
+        lines += ["", "95% intervals of the changes (the same prompts answered by both models; a bootstrap over "
+                  f"prompts): reward (normalised) {summary['heldout_reward_gain_low']:+.4f} to "
+                  f"{summary['heldout_reward_gain_high']:+.4f}, token F1 {summary['heldout_token_f1_gain_low']:+.4f} "
+                  f"to {summary['heldout_token_f1_gain_high']:+.4f}."]
     return "\n".join([*lines, "", f"Greedy answers to {n} held-out (test) prompts. Final training KL to the "
                       f"reference: {summary['final_kl']:.3f} nats per response (k1; k3 {summary['final_kl_k3']:.3f}), "
                       f"target {summary['target_kl']:.3f}.", ""])
@@ -616,8 +621,19 @@ def ppo(ws: Workspace, cfg: PpoConfig, sft_dir: Path, reward_model: RewardScorer
     with torch.no_grad(), autocast(device, trainer.dtype):
         evals, rows = compare(models, heldout(instructions.load_instructions(ws, "test", builtin),
                                               cfg.heldout_prompts), cfg)
-    metrics = summary_metrics(evals, history, cfg, trainer.step)
+    metrics = summary_metrics(evals, history, cfg, trainer.step) | gain_intervals(rows, models.reward, cfg.seed)
     return PpoResult(model_dir, metrics, history, rows)
+
+
+def gain_intervals(rows: Sequence[dict[str, Any]], reward_model: RewardScorer, seed: int = 0) -> dict[str, float]:
+    """95% intervals of the held-out gains (PPO - SFT on the same prompts, so paired): ``heldout_reward_gain_low``
+    and ``_high`` (normalised reward), ``heldout_token_f1_gain_low`` and ``_high``; a bootstrap over prompts."""
+    std = max(float(reward_model.std), 1e-8)
+    out = {}
+    for key, column, scale in (("heldout_reward_gain", "reward", std), ("heldout_token_f1_gain", "token_f1", 1.0)):
+        diff = np.array([(r[f"ppo_{column}"] - r[f"sft_{column}"]) / scale for r in rows], dtype=np.float64)
+        out[f"{key}_low"], out[f"{key}_high"] = bootstrap.mean_interval(diff, seed=seed)
+    return out
 
 
 def export_policy(policy: GPT, sft_dir: Path, model_dir: Path, extra: dict[str, Any]) -> Path:
@@ -689,8 +705,11 @@ def run_stage(ctx: StageContext) -> StageOutput:
     m = result.metrics
     ctx.log.metrics(m)
     summary = (f"{int(m['iterations'])} iterations; held-out reward {m['sft_heldout_reward']:+.3f} -> "
-               f"{m['heldout_reward']:+.3f}, token F1 {m['sft_heldout_token_f1']:.3f} -> {m['heldout_token_f1']:.3f} "
-               f"(sft -> ppo); final KL {m['final_kl']:.3f} (target {m['target_kl']:g})")
+               f"{m['heldout_reward']:+.3f} (gain 95% interval {m['heldout_reward_gain_low']:+.3f} to "
+               f"{m['heldout_reward_gain_high']:+.3f}), token F1 {m['sft_heldout_token_f1']:.3f} -> "
+               f"{m['heldout_token_f1']:.3f} ({m['heldout_token_f1_gain_low']:+.3f} to "
+               f"{m['heldout_token_f1_gain_high']:+.3f}) (sft -> ppo); final KL {m['final_kl']:.3f} "
+               f"(target {m['target_kl']:g})")
     outputs = {"model": ws.rel(result.model_dir), "tokenizer": ws.rel(result.model_dir / TOKENIZER_FILE),
                **{name: ws.rel(path) for name, path in files.items()}}
     return StageOutput(file_sha256(result.model_dir / "model.safetensors")[:32], outputs, m, summary)

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_model
 from tokenizers import Tokenizer
 
-from lmpipe import grounded, preferences
+from lmpipe import bootstrap, grounded, preferences
 from lmpipe.bpe import PAD_ID
 from lmpipe.chat import TEMPLATE_NAME, ChatTemplate, Message
 from lmpipe.checkpoint import read_model_config, save_model_folder
@@ -290,6 +290,24 @@ def pairwise_accuracy(delta: np.ndarray) -> float:
     if not len(delta):
         return math.nan
     return float(((delta > 0).sum() + 0.5 * (delta == 0).sum()) / len(delta))
+
+
+def accuracy_interval(delta: np.ndarray, groups: Sequence[str], level: float = 0.95, resamples: int = 2000,
+                      seed: int = 0) -> tuple[float, float]:
+    """A ``level`` interval for :func:`pairwise_accuracy` by the percentile bootstrap over ``groups``.
+
+    The pairs of one prompt share its context and its answers, so they are not independent draws: a
+    bootstrap over pairs (or a binomial standard error) would be too narrow. This one resamples whole
+    groups (``groups[i]`` is pair i's) with replacement, ``resamples`` times.
+    """
+    delta = np.asarray(delta, dtype=np.float64)
+    if not len(delta):
+        return math.nan, math.nan
+    ids, index = np.unique(np.asarray(groups), return_inverse=True)
+    correct = np.bincount(index, weights=(delta > 0) + 0.5 * (delta == 0), minlength=len(ids))
+    count = np.bincount(index, minlength=len(ids)).astype(np.float64)
+    draws = bootstrap.resample_counts(len(ids), resamples, seed)
+    return bootstrap.percentile_interval((draws @ correct) / (draws @ count), level)
 
 
 def longer_baseline(pairs: Sequence[Pair]) -> np.ndarray:
@@ -563,7 +581,12 @@ def evaluate(net: RewardNet, template: ChatTemplate, data: dict[str, list[Pair]]
     ordered = grouped(test)  # the pair order of score_groups' output
     bow = fit_bag_of_words(data["train"], data["val"])
     deltas = {"reward_model": scored.delta, "longer": longer_baseline(ordered), "bag_of_words": bow.delta(ordered)}
-    return accuracy_table(deltas, scored.pair_types), calibration(scored.delta, cfg.calibration_buckets), scored
+    table = accuracy_table(deltas, scored.pair_types)
+    if "all" in table:
+        low, high = accuracy_interval(scored.delta, [p.group_id or p.context_digest() for p in ordered],
+                                      seed=cfg.seed)
+        table["all"] |= {"reward_model_low": low, "reward_model_high": high}
+    return table, calibration(scored.delta, cfg.calibration_buckets), scored
 
 
 def train_reward(ws: Workspace, cfg: RewardConfig, sft_dir: Path, out_dir: Path, log: Logger | None = None,
@@ -613,6 +636,9 @@ def summary_metrics(table: dict[str, dict[str, float]], sizes: dict[str, int], m
         out[f"longer_accuracy{suffix}"] = row["longer"]
         out[f"bag_of_words_accuracy{suffix}"] = row["bag_of_words"]
         out[f"heldout_pairs{suffix}"] = row["pairs"]
+        if "reward_model_low" in row:  # the interval of the overall accuracy
+            out[f"heldout_accuracy{suffix}_low"] = row["reward_model_low"]
+            out[f"heldout_accuracy{suffix}_high"] = row["reward_model_high"]
     return out
 
 
@@ -623,6 +649,11 @@ def evaluation_markdown(table: dict[str, dict[str, float]], calib: Sequence[dict
     for name, row in table.items():
         lines.append(f"| {name} | {int(row['pairs'])} | {row['reward_model']:.3f} | {row['longer']:.3f} | "
                      f"{row['bag_of_words']:.3f} |")
+    overall = table.get("all", {})
+    if "reward_model_low" in overall:
+        lines += ["", f"Reward model on all pairs: {overall['reward_model']:.3f}, 95% interval "
+                      f"{overall['reward_model_low']:.3f}-{overall['reward_model_high']:.3f} (bootstrap over prompts: "
+                      "the pairs of one prompt are not independent)."]
     lines += ["", f"Floor for PPO (reward.min_accuracy): {floor:.3f}. A tie counts as half a correct answer.", "",
               "## Calibration: accuracy by margin bucket", "",
               "| margin range | n | mean margin | accuracy | σ(mean margin) |", "|---|---|---|---|---|"]
@@ -659,7 +690,9 @@ def run_stage(ctx: StageContext) -> StageOutput:
     ctx.log.metrics(result.metrics)
     m = result.metrics
     check_floor(m.get("heldout_accuracy", math.nan), cfg.min_accuracy)  # after the reports, which show why
-    summary = (f"held-out pairwise accuracy {m['heldout_accuracy']:.3f} (always longer "
+    interval = (f", 95% interval {m['heldout_accuracy_low']:.3f}-{m['heldout_accuracy_high']:.3f},"
+                if "heldout_accuracy_low" in m else "")
+    summary = (f"held-out pairwise accuracy {m['heldout_accuracy']:.3f}{interval} (always longer "
                f"{m['longer_accuracy']:.3f}, bag of words {m['bag_of_words_accuracy']:.3f}) on "
                f"{int(m['heldout_pairs'])} pairs; train reward {m['reward_mean']:.2f} ± {m['reward_std']:.2f}")
     outputs = {"model": ws.rel(result.model_dir), "tokenizer": ws.rel(result.model_dir / TOKENIZER_FILE),

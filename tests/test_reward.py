@@ -52,6 +52,21 @@ def test_bradley_terry_loss_by_hand():
     assert (a.grad.item(), b.grad.item()) == (pytest.approx(-0.5), pytest.approx(0.5))
 
 
+def test_accuracy_interval_resamples_whole_prompts():
+    # prompt a: 3 pairs, all right; prompt b: 1 pair, wrong. Resampling the two prompts gives {a, a} (accuracy 1),
+    # {b, b} (0), each with probability 1/4, or {a, b} (3/4) with probability 1/2: the 95% interval is [0, 1]
+    delta, groups = np.array([1.0, 2.0, 0.5, -1.0]), ["a", "a", "a", "b"]
+    assert reward.accuracy_interval(delta, groups) == (0.0, 1.0)
+    low, high = reward.accuracy_interval(delta, groups, level=0.4)  # the middle 40% is all {a, b}
+    assert low == high == 0.75
+    # a bootstrap over pairs instead would have put 0.75 in a far narrower interval; one prompt per pair does
+    many = np.tile([1.0, 1.0, 1.0, -1.0], 100)
+    low, high = reward.accuracy_interval(many, [str(i) for i in range(400)], seed=1)
+    assert low < 0.75 < high and high - low == pytest.approx(2 * 1.96 * math.sqrt(0.75 * 0.25 / 400), abs=0.015)
+    assert reward.accuracy_interval(np.array([1.0, 3.0]), ["a", "b"]) == (1.0, 1.0)
+    assert all(math.isnan(x) for x in reward.accuracy_interval(np.array([]), []))
+
+
 def test_pairwise_accuracy_calibration_and_longer_baseline_by_hand():
     assert reward.pairwise_accuracy(np.array([1.0, -1.0, 0.0, 2.0])) == 0.625  # (2 right + half a tie) / 4
     assert math.isnan(reward.pairwise_accuracy(np.array([])))
@@ -168,6 +183,8 @@ def test_stage_learns_what_the_baselines_cannot_and_scores_through_the_loader(wo
     assert m["heldout_pairs"] == 24 and m["heldout_pairs_file"] == 24
     assert m["longer_accuracy"] == 0.5 and m["bag_of_words_accuracy"] == 0.5  # same lengths, same bags: ties
     assert m["heldout_accuracy"] > 0.95 and m["val_accuracy"] > 0.95
+    assert m["heldout_accuracy_low"] <= m["heldout_accuracy"] <= m["heldout_accuracy_high"] <= 1.0
+    assert "95% interval" in out.summary and "95% interval" in ws_file(workspace, out, "evaluation").read_text()
     assert m["steps"] == 40 and m["reward_std"] > 0
     assert {"model", "tokenizer", "metrics", "evaluation", "margins_plot", "calibration_plot"} <= set(out.outputs)
     assert ws_file(workspace, out, "margins_plot").read_bytes()[:4] == b"\x89PNG"

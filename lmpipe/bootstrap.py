@@ -1,0 +1,31 @@
+"""Percentile-bootstrap intervals for the held-out figures the stages report (Efron & Tibshirani 1993, ch. 13).
+
+A held-out score is an average over a few hundred prompts; the same model on another draw of prompts would
+score differently. An interval says how much of a difference between two runs that draw alone explains.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def resample_counts(n: int, resamples: int = 2000, seed: int = 0) -> np.ndarray:
+    """(resamples, n) counts: how often each of ``n`` units is drawn in each resample of size ``n``."""
+    return np.random.default_rng(seed).multinomial(n, np.full(n, 1 / n), size=resamples)
+
+
+def percentile_interval(estimates: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """The central ``level`` share of a statistic's bootstrap ``estimates``."""
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(estimates, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def mean_interval(values: np.ndarray, level: float = 0.95, resamples: int = 2000, seed: int = 0
+                  ) -> tuple[float, float]:
+    """A ``level`` interval for the mean of ``values`` (one per independent unit, e.g. a paired difference per
+    prompt); NaN for no values."""
+    values = np.asarray(values, dtype=np.float64)
+    if not len(values):
+        return float("nan"), float("nan")
+    return percentile_interval(resample_counts(len(values), resamples, seed) @ values / len(values), level)
