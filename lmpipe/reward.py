@@ -690,9 +690,9 @@ def run_stage(ctx: StageContext) -> StageOutput:
     ctx.log.metrics(result.metrics)
     m = result.metrics
     check_floor(m.get("heldout_accuracy", math.nan), cfg.min_accuracy)  # after the reports, which show why
-    interval = (f", 95% interval {m['heldout_accuracy_low']:.3f}-{m['heldout_accuracy_high']:.3f},"
+    interval = (f"95% interval {m['heldout_accuracy_low']:.3f}-{m['heldout_accuracy_high']:.3f}; "
                 if "heldout_accuracy_low" in m else "")
-    summary = (f"held-out pairwise accuracy {m['heldout_accuracy']:.3f}{interval} (always longer "
+    summary = (f"held-out pairwise accuracy {m['heldout_accuracy']:.3f} ({interval}always longer "
                f"{m['longer_accuracy']:.3f}, bag of words {m['bag_of_words_accuracy']:.3f}) on "
                f"{int(m['heldout_pairs'])} pairs; train reward {m['reward_mean']:.2f} ± {m['reward_std']:.2f}")
     outputs = {"model": ws.rel(result.model_dir), "tokenizer": ws.rel(result.model_dir / TOKENIZER_FILE),
