@@ -299,8 +299,14 @@ def continuations(ws: Workspace, cfg: ReportConfig, results: Mapping[str, StageR
 # (c) alignment before/after, (e) run metadata
 
 
-def _row(stage: str, measure: str, before: Any, after: Any) -> dict[str, Any]:
-    return {"stage": stage, "measure": measure, "before": _finite(before), "after": _finite(after)}
+def _row(stage: str, measure: str, before: Any, after: Any, m: Mapping[str, Any] | None = None,
+         change: str = "") -> dict[str, Any]:
+    """One before/after row; ``change`` names the stage metrics ``<change>_low`` and ``<change>_high`` in ``m``, the
+    95% interval of after - before, when the stage measured one."""
+    row = {"stage": stage, "measure": measure, "before": _finite(before), "after": _finite(after)}
+    if m is not None and f"{change}_low" in m and f"{change}_high" in m:
+        row |= {"change_low": _finite(m[f"{change}_low"]), "change_high": _finite(m[f"{change}_high"])}
+    return row
 
 
 def alignment(results: Mapping[str, StageResult]) -> list[dict[str, Any]]:
@@ -314,16 +320,16 @@ def alignment(results: Mapping[str, StageResult]) -> list[dict[str, Any]]:
                 rows.append(_row("sft", f"{label}: pretrained → SFT", m.get(f"pretrained_{key}"), m[key]))
     if "reward" in results:
         m = results["reward"].metrics
-        for key, label in (("longer_accuracy", "always longer"), ("bag_of_words_accuracy", "bag of words")):
-            if "heldout_accuracy" in m and key in m:
-                rows.append(_row("reward", f"held-out pairwise accuracy: {label} → reward model", m[key],
-                                 m["heldout_accuracy"]))
+        for key, label in (("longer", "always longer"), ("bag_of_words", "bag of words")):
+            if "heldout_accuracy" in m and f"{key}_accuracy" in m:
+                rows.append(_row("reward", f"held-out pairwise accuracy: {label} → reward model", m[f"{key}_accuracy"],
+                                 m["heldout_accuracy"], m, f"heldout_accuracy_gain_over_{key}"))
     if "ppo" in results:
         m = results["ppo"].metrics
         for key, label in (("heldout_reward", "held-out reward (normalised)"),
                            ("heldout_token_f1", "held-out token F1"), ("heldout_rouge_l", "held-out ROUGE-L")):
             if key in m:
-                rows.append(_row("ppo", f"{label}: SFT → PPO", m.get(f"sft_{key}"), m[key]))
+                rows.append(_row("ppo", f"{label}: SFT → PPO", m.get(f"sft_{key}"), m[key], m, f"{key}_gain"))
         if "final_kl" in m:
             rows.append(_row("ppo", f"KL to SFT per response, k1 (target {m.get('target_kl', math.nan):g})", None,
                              m["final_kl"]))
@@ -486,15 +492,31 @@ def table(report: Mapping[str, Any]) -> str:
     head, rows = generation_table(report)
     out = [split_line(report), "", text_table(head, rows), "", "* best n-gram on val"]
     if report.get("alignment"):
-        out += ["", text_table(["stage", "measure", "before", "after"], _alignment_rows(report))]
+        out += ["", text_table(ALIGNMENT_HEAD, alignment_rows(report))]
     if not report.get("measured", True):
         out += ["", "The report stage has not run: numbers from the stages' metrics only (`lmpipe run` measures PPO "
                     "on the test split and adds continuations and the contamination check)."]
     return "\n".join(out)
 
 
-def _alignment_rows(report: Mapping[str, Any]) -> list[list[str]]:
-    return [[r["stage"], r["measure"], fmt(r["before"]), fmt(r["after"])] for r in report["alignment"]]
+ALIGNMENT_HEAD = ["stage", "measure", "before", "after", "change (95% interval)"]
+INTERVAL_NOTE = ("The intervals are 95% bootstrap intervals over the held-out prompts, paired (both sides answer "
+                 "the same prompts): how far another draw of prompts alone could move the change.")
+
+
+def alignment_rows(report: Mapping[str, Any]) -> list[list[str]]:
+    return [[r["stage"], r["measure"], fmt(r["before"]), fmt(r["after"]), change_cell(r)] for r in report["alignment"]]
+
+
+def change_cell(row: Mapping[str, Any]) -> str:
+    """``+0.238 (+0.124 to +0.362)``: after - before and, where the stage measured it, its 95% bootstrap interval
+    over the held-out prompts."""
+    before, after = row.get("before"), row.get("after")
+    if before is None or after is None:
+        return ""
+    low, high = row.get("change_low"), row.get("change_high")
+    interval = f" ({low:+.3f} to {high:+.3f})" if low is not None and high is not None else ""
+    return f"{after - before:+.3f}{interval}"
 
 
 def contamination_rows(report: Mapping[str, Any]) -> list[list[str]]:
@@ -536,7 +558,7 @@ def markdown(report: Mapping[str, Any]) -> str:
                     md_table(["generation", "continuation"], list(row["continuations"].items())), ""]
     if report.get("alignment"):
         out += ["## Alignment: before and after", "",
-                md_table(["stage", "measure", "before", "after"], _alignment_rows(report)), ""]
+                md_table(ALIGNMENT_HEAD, alignment_rows(report)), "", INTERVAL_NOTE, ""]
     out += contamination_markdown(report.get("contamination"))
     out += run_markdown(report)
     return "\n".join(out)

@@ -14,10 +14,12 @@ from html import escape
 from typing import Any
 
 from lmpipe.report import (
+    ALIGNMENT_HEAD,
+    INTERVAL_NOTE,
     STAGE_HEAD,
+    alignment_rows,
     contamination_line,
     contamination_rows,
-    fmt,
     generation_table,
     split_line,
     stage_rows,
@@ -131,9 +133,7 @@ def html(report: Mapping[str, Any]) -> str:
                      _table(["generation", "continuation"], list(row["continuations"].items()), text=(1,))]
     if report.get("alignment"):
         body += ["<h2>Alignment: before and after</h2>",
-                 _table(["stage", "measure", "before", "after"],
-                        [[r["stage"], r["measure"], fmt(r["before"]), fmt(r["after"])] for r in report["alignment"]],
-                        numeric=(2, 3)),
+                 _table(ALIGNMENT_HEAD, alignment_rows(report), numeric=(2, 3, 4)), f"<p>{escape(INTERVAL_NOTE)}</p>",
                  *_figure(alignment_chart(report), "alignment measures before and after")]
     body += _contamination(report.get("contamination"))
     body += _run(report)

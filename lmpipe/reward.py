@@ -293,21 +293,27 @@ def pairwise_accuracy(delta: np.ndarray) -> float:
 
 
 def accuracy_interval(delta: np.ndarray, groups: Sequence[str], level: float = 0.95, resamples: int = 2000,
-                      seed: int = 0) -> tuple[float, float]:
-    """A ``level`` interval for :func:`pairwise_accuracy` by the percentile bootstrap over ``groups``.
+                      seed: int = 0, baseline: np.ndarray | None = None) -> tuple[float, float]:
+    """A ``level`` interval for :func:`pairwise_accuracy` by the percentile bootstrap over ``groups``; with
+    ``baseline`` (another scorer's deltas on the same pairs), for the accuracy minus the baseline's.
 
     The pairs of one prompt share its context and its answers, so they are not independent draws: a
     bootstrap over pairs (or a binomial standard error) would be too narrow. This one resamples whole
-    groups (``groups[i]`` is pair i's) with replacement, ``resamples`` times.
+    groups (``groups[i]`` is pair i's) with replacement, ``resamples`` times; both scorers see the same
+    resampled pairs, so the difference is paired.
     """
     delta = np.asarray(delta, dtype=np.float64)
     if not len(delta):
         return math.nan, math.nan
     ids, index = np.unique(np.asarray(groups), return_inverse=True)
-    correct = np.bincount(index, weights=(delta > 0) + 0.5 * (delta == 0), minlength=len(ids))
+
+    def correct(d: np.ndarray) -> np.ndarray:  # right answers per group, a tie counting half
+        return np.bincount(index, weights=(d > 0) + 0.5 * (d == 0), minlength=len(ids))
+
+    right = correct(delta) if baseline is None else correct(delta) - correct(np.asarray(baseline, np.float64))
     count = np.bincount(index, minlength=len(ids)).astype(np.float64)
     draws = bootstrap.resample_counts(len(ids), resamples, seed)
-    return bootstrap.percentile_interval((draws @ correct) / (draws @ count), level)
+    return bootstrap.percentile_interval((draws @ right) / (draws @ count), level)
 
 
 def longer_baseline(pairs: Sequence[Pair]) -> np.ndarray:
@@ -583,9 +589,12 @@ def evaluate(net: RewardNet, template: ChatTemplate, data: dict[str, list[Pair]]
     deltas = {"reward_model": scored.delta, "longer": longer_baseline(ordered), "bag_of_words": bow.delta(ordered)}
     table = accuracy_table(deltas, scored.pair_types)
     if "all" in table:
-        low, high = accuracy_interval(scored.delta, [p.group_id or p.context_digest() for p in ordered],
-                                      seed=cfg.seed)
+        groups = [p.group_id or p.context_digest() for p in ordered]
+        low, high = accuracy_interval(scored.delta, groups, seed=cfg.seed)
         table["all"] |= {"reward_model_low": low, "reward_model_high": high}
+        for name in ("longer", "bag_of_words"):  # the gain over each baseline, on the same resampled prompts
+            low, high = accuracy_interval(scored.delta, groups, seed=cfg.seed, baseline=deltas[name])
+            table["all"] |= {f"gain_over_{name}_low": low, f"gain_over_{name}_high": high}
     return table, calibration(scored.delta, cfg.calibration_buckets), scored
 
 
@@ -636,9 +645,10 @@ def summary_metrics(table: dict[str, dict[str, float]], sizes: dict[str, int], m
         out[f"longer_accuracy{suffix}"] = row["longer"]
         out[f"bag_of_words_accuracy{suffix}"] = row["bag_of_words"]
         out[f"heldout_pairs{suffix}"] = row["pairs"]
-        if "reward_model_low" in row:  # the interval of the overall accuracy
-            out[f"heldout_accuracy{suffix}_low"] = row["reward_model_low"]
-            out[f"heldout_accuracy{suffix}_high"] = row["reward_model_high"]
+        for key in ("reward_model_low", "reward_model_high", "gain_over_longer_low", "gain_over_longer_high",
+                    "gain_over_bag_of_words_low", "gain_over_bag_of_words_high"):  # intervals, overall only
+            if key in row:
+                out[f"heldout_accuracy{suffix}_{key.removeprefix('reward_model_')}"] = row[key]
     return out
 
 

@@ -147,6 +147,13 @@ def test_every_generation_continues_every_prompt(micro_run):
         assert all(isinstance(t, str) for t in texts) and any(t.strip() for t in texts), name
 
 
+def test_change_cell_by_hand():
+    row = rep._row("ppo", "held-out reward", 0.25, 0.5, {"x_low": 0.125, "x_high": 0.375}, "x")
+    assert rep.change_cell(row) == "+0.250 (+0.125 to +0.375)"
+    assert rep.change_cell(rep._row("sft", "token F1", 0.5, 0.25)) == "-0.250"  # no interval measured
+    assert rep.change_cell(rep._row("ppo", "KL", None, 1.5)) == ""
+
+
 def test_alignment_contamination_and_run_sections(micro_run):
     ws, out, _ = micro_run
     report = _report(ws, out)
@@ -159,6 +166,14 @@ def test_alignment_contamination_and_run_sections(micro_run):
                                              out["reward"]["metrics"]["heldout_accuracy"])
     reward = rows[("ppo", "held-out reward (normalised): SFT → PPO")]
     assert reward["after"] == out["ppo"]["metrics"]["heldout_reward"]
+    # the changes' intervals come from the stages' metrics; SFT measured none
+    rm = out["reward"]["metrics"]
+    assert (acc["change_low"], acc["change_high"]) == (rm["heldout_accuracy_gain_over_longer_low"],
+                                                      rm["heldout_accuracy_gain_over_longer_high"])
+    pm = out["ppo"]["metrics"]
+    assert (reward["change_low"], reward["change_high"]) == (pm["heldout_reward_gain_low"],
+                                                            pm["heldout_reward_gain_high"])
+    assert "change_low" not in f1
     assert {"ngram", "embeddings", "pretrain", "sft", "reward", "ppo"} == set(report["contamination"]["stages"])
     assert report["contamination"]["n"] == 13
     stages = {s["stage"]: s for s in report["run"]["stages"]}
@@ -167,6 +182,7 @@ def test_alignment_contamination_and_run_sections(micro_run):
     md = (ws.abs(out["report"]["outputs"]["markdown"])).read_text(encoding="utf-8")
     for block in _tables(md):
         assert {_cells(line) for line in block} == {_cells(block[0])}, block
+    assert "| change (95% interval) |" in md and rep.INTERVAL_NOTE in md
     for heading in ("## Bits per byte on the test split", "## Continuations", "## Alignment: before and after",
                     "## Test-set contamination", "## Run"):
         assert heading in md

@@ -64,6 +64,11 @@ def test_accuracy_interval_resamples_whole_prompts():
     low, high = reward.accuracy_interval(many, [str(i) for i in range(400)], seed=1)
     assert low < 0.75 < high and high - low == pytest.approx(2 * 1.96 * math.sqrt(0.75 * 0.25 / 400), abs=0.015)
     assert reward.accuracy_interval(np.array([1.0, 3.0]), ["a", "b"]) == (1.0, 1.0)
+    # the gain over a baseline on the same resampled prompts: per prompt a, 3 right against 2 of 3 (+1 over 3
+    # pairs); b, 0 against 1 of 1 (-1 over 1). {a, a}: +2/6, {b, b}: -2/2, {a, b}: 0/4
+    base = np.array([1.0, -1.0, 1.0, 1.0])
+    assert reward.accuracy_interval(delta, groups, baseline=base) == pytest.approx((-1.0, 1 / 3))
+    assert reward.accuracy_interval(delta, groups, baseline=base, level=0.4) == (0.0, 0.0)
     assert all(math.isnan(x) for x in reward.accuracy_interval(np.array([]), []))
 
 
