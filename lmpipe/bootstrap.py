@@ -6,6 +6,9 @@ score differently. An interval says how much of a difference between two runs th
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 import numpy as np
 
 
@@ -29,3 +32,15 @@ def mean_interval(values: np.ndarray, level: float = 0.95, resamples: int = 2000
     if not len(values):
         return float("nan"), float("nan")
     return percentile_interval(resample_counts(len(values), resamples, seed) @ values / len(values), level)
+
+
+def paired_gain_intervals(rows: Sequence[Mapping[str, Any]], before: str, after: str, columns: Mapping[str, float],
+                          level: float = 0.95, seed: int = 0) -> dict[str, float]:
+    """``heldout_<column>_gain_low`` and ``_high``: intervals for the mean of ``(row[f"{after}_{column}"] -
+    row[f"{before}_{column}"]) / scale`` over ``rows`` (one per held-out prompt, both models' scores on it), for
+    each ``column: scale`` of ``columns``."""
+    out = {}
+    for column, scale in columns.items():
+        diff = np.array([(r[f"{after}_{column}"] - r[f"{before}_{column}"]) / scale for r in rows], dtype=np.float64)
+        out[f"heldout_{column}_gain_low"], out[f"heldout_{column}_gain_high"] = mean_interval(diff, level, seed=seed)
+    return out

@@ -503,7 +503,8 @@ def compare(models: PpoModels, prompts: Sequence[instructions.Instruction], cfg:
     for name, model in (("sft", models.ref), ("ppo", models.actor_critic.policy)):
         metrics[name], answers, raw = evaluate(model, models, prompts, cfg)
         for row, text, r in zip(rows, answers, raw, strict=True):
-            row.update({name: text, f"{name}_reward": r, f"{name}_token_f1": grounded.token_f1(text, row["reference"])})
+            row.update({name: text, f"{name}_reward": r, f"{name}_token_f1": grounded.token_f1(text, row["reference"]),
+                        f"{name}_rouge_l": grounded.rouge_l(text, row["reference"])})
     return metrics, rows
 
 
@@ -626,14 +627,10 @@ def ppo(ws: Workspace, cfg: PpoConfig, sft_dir: Path, reward_model: RewardScorer
 
 
 def gain_intervals(rows: Sequence[dict[str, Any]], reward_model: RewardScorer, seed: int = 0) -> dict[str, float]:
-    """95% intervals of the held-out gains (PPO - SFT on the same prompts, so paired): ``heldout_reward_gain_low``
-    and ``_high`` (normalised reward), ``heldout_token_f1_gain_low`` and ``_high``; a bootstrap over prompts."""
-    std = max(float(reward_model.std), 1e-8)
-    out = {}
-    for key, column, scale in (("heldout_reward_gain", "reward", std), ("heldout_token_f1_gain", "token_f1", 1.0)):
-        diff = np.array([(r[f"ppo_{column}"] - r[f"sft_{column}"]) / scale for r in rows], dtype=np.float64)
-        out[f"{key}_low"], out[f"{key}_high"] = bootstrap.mean_interval(diff, seed=seed)
-    return out
+    """95% intervals of the held-out gains, PPO - SFT on the same prompts (paired), by a bootstrap over prompts:
+    ``heldout_reward_gain_low`` and ``_high`` (normalised reward), and the same for token F1 and ROUGE-L."""
+    columns = {"reward": max(float(reward_model.std), 1e-8), "token_f1": 1.0, "rouge_l": 1.0}
+    return bootstrap.paired_gain_intervals(rows, "sft", "ppo", columns, seed=seed)
 
 
 def export_policy(policy: GPT, sft_dir: Path, model_dir: Path, extra: dict[str, Any]) -> Path:

@@ -317,7 +317,8 @@ def alignment(results: Mapping[str, StageResult]) -> list[dict[str, Any]]:
         for key, label in (("heldout_token_f1", "held-out token F1"), ("heldout_rouge_l", "held-out ROUGE-L"),
                            ("test_response_loss", "test response loss (nats/token)")):
             if key in m:
-                rows.append(_row("sft", f"{label}: pretrained → SFT", m.get(f"pretrained_{key}"), m[key]))
+                rows.append(_row("sft", f"{label}: pretrained → SFT", m.get(f"pretrained_{key}"), m[key], m,
+                                 f"{key}_gain"))
     if "reward" in results:
         m = results["reward"].metrics
         for key, label in (("longer", "always longer"), ("bag_of_words", "bag of words")):

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from lmpipe import grounded, instructions, shards
+from lmpipe import bootstrap, grounded, instructions, shards
 from lmpipe.bpe import END_ID, PAD_ID
 from lmpipe.chat import TEMPLATE_NAME, ChatTemplate, Message, Rendered
 from lmpipe.checkpoint import latest_checkpoint, load_model_folder, read_model_config, save_model_folder
@@ -412,6 +412,8 @@ def summary_metrics(ev: Evaluation, trainer: Trainer, objective: InstructionObje
     for key in ("heldout_token_f1", "heldout_rouge_l"):
         if key in after:
             out[f"{key}_gain"] = after[key] - before[key]
+    if ev.rows:  # 95% intervals of the gains: both models answer the same prompts
+        out |= bootstrap.paired_gain_intervals(ev.rows, "pretrained", "sft", {"token_f1": 1.0, "rouge_l": 1.0})
     out.update({"steps": float(trainer.step), "best_step": float(objective.best_step),
                 "tokens_trained": float(trainer.tokens), "tokens_processed": float(trainer.tokens),
                 "stopped_early": float(trainer.step < trainer.settings.max_steps),

@@ -32,3 +32,10 @@ def test_mean_interval_by_hand():
 
 def test_percentile_interval_of_known_estimates():
     assert bootstrap.percentile_interval(np.arange(101.0), level=0.9) == pytest.approx((5.0, 95.0))
+
+
+def test_paired_gain_intervals_use_each_rows_difference():
+    rows = [{"a_x": 1.0, "b_x": 3.0, "a_y": 0.5, "b_y": 0.5}, {"a_x": 2.0, "b_x": 4.0, "a_y": 0.0, "b_y": 1.0}]
+    out = bootstrap.paired_gain_intervals(rows, "a", "b", {"x": 2.0, "y": 1.0})
+    assert (out["heldout_x_gain_low"], out["heldout_x_gain_high"]) == (1.0, 1.0)  # every difference is 2 / 2
+    assert (out["heldout_y_gain_low"], out["heldout_y_gain_high"]) == (0.0, 1.0)  # differences 0 and 1

@@ -173,7 +173,9 @@ def test_alignment_contamination_and_run_sections(micro_run):
     pm = out["ppo"]["metrics"]
     assert (reward["change_low"], reward["change_high"]) == (pm["heldout_reward_gain_low"],
                                                             pm["heldout_reward_gain_high"])
-    assert "change_low" not in f1
+    sm = out["sft"]["metrics"]
+    assert (f1["change_low"], f1["change_high"]) == (sm["heldout_token_f1_gain_low"], sm["heldout_token_f1_gain_high"])
+    assert "change_low" not in rows[("sft", "test response loss (nats/token): pretrained → SFT")]
     assert {"ngram", "embeddings", "pretrain", "sft", "reward", "ppo"} == set(report["contamination"]["stages"])
     assert report["contamination"]["n"] == 13
     stages = {s["stage"]: s for s in report["run"]["stages"]}
