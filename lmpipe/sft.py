@@ -450,8 +450,10 @@ def run_stage(ctx: StageContext) -> StageOutput:
     m = result.metrics
     f1, rouge = (m.get("heldout_token_f1", math.nan), m.get("pretrained_heldout_token_f1", math.nan)), (
         m.get("heldout_rouge_l", math.nan), m.get("pretrained_heldout_rouge_l", math.nan))
+    interval = (f" (gain 95% interval {m['heldout_token_f1_gain_low']:+.3f} to {m['heldout_token_f1_gain_high']:+.3f})"
+                if "heldout_token_f1_gain_low" in m else "")
     summary = (f"{int(m['steps'])} steps (best at {int(m['best_step'])}); held-out token F1 {f1[1]:.3f} -> "
-               f"{f1[0]:.3f}, ROUGE-L {rouge[1]:.3f} -> {rouge[0]:.3f} (pretrained -> sft)")
+               f"{f1[0]:.3f}{interval}, ROUGE-L {rouge[1]:.3f} -> {rouge[0]:.3f} (pretrained -> sft)")
     outputs = {"model": ws.rel(result.model_dir), "tokenizer": ws.rel(result.model_dir / TOKENIZER_FILE),
                **{name: ws.rel(path) for name, path in files.items()}}
     return StageOutput(file_sha256(result.model_dir / "model.safetensors")[:32], outputs, {**counts, **m}, summary)
