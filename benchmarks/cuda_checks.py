@@ -9,6 +9,7 @@ of failures. What is checked:
   error of the logits), for learned and rotary positions; causality under bf16 with the flash kernel;
 - KV-cache greedy generation on the GPU against full recomputation;
 - the fused LM head + cross-entropy under bf16 autocast, eager and compiled, against the plain loss;
+- PPO's fused head (response log-probs and entropies) under bf16 autocast against the full logits;
 - the trainer on the GPU (bf16 autocast, fused AdamW, the fused loss): the loss falls on a learnable task, a killed and
   resumed run follows the uninterrupted run's loss curve, and the compiled model's first losses match eager;
 - the word2vec torch engine on the GPU learns planted structure (skip-gram and CBOW, negative sampling and
@@ -106,6 +107,36 @@ def loss_checks() -> None:
         dl, dg = abs(float(loss - ref_loss)) / float(ref_loss), rel_err(grad, ref_grad)
         check(f"gpt {name} loss = plain loss (bf16)", dl < 1e-3 and dg < 2e-2,
               f"loss rel diff {dl:.2e} (< 1e-3), gradient rel err {dg:.2e} (< 2e-2)")
+
+
+def ppo_checks() -> None:
+    """PPO's fused LM head (log-probs and entropies, chunk by chunk, logits made again in backward) on the GPU
+    under bf16 autocast, against the full logits: the same numbers and gradients up to bf16 rounding."""
+    from lmpipe import ppo
+    from lmpipe.bpe import END_ID, PAD_ID
+
+    g = torch.Generator().manual_seed(4)
+    response = torch.randint(10, 512, (6, 24), generator=g)
+    lengths = torch.randint(4, 25, (6,), generator=g)
+    mask = (torch.arange(24)[None] < lengths[:, None]).long()
+    response = torch.where(mask.bool(), response, PAD_ID)
+    response[torch.arange(6), lengths - 1] = END_ID
+    prompts = [torch.randint(10, 512, (int(n),), generator=g).tolist() for n in torch.randint(3, 20, (6,), generator=g)]
+    batch = ppo.layout(prompts, response.to(DEV), mask.to(DEV), torch.ones(6, dtype=torch.bool, device=DEV))
+    results = {}
+    for chunk in (0, 32):
+        model = ppo.ActorCritic(small_gpt("learned")).to(DEV).eval()
+        torch.nn.init.normal_(model.value_head.weight, std=0.02)
+        with torch.autocast(DEV, torch.bfloat16):
+            logp, entropy, values = model(batch.idx, batch.positions, batch.attn_mask, batch.prompt_len - 1,
+                                          batch.response, batch.mask, 0.8, chunk)
+        (logp.sum() + 0.1 * entropy.sum() + values.float().sum()).backward()
+        results[chunk] = (logp.detach(), entropy.detach(), torch.cat([p.grad.flatten() for p in model.parameters()
+                                                                      if p.grad is not None]))
+    (lp0, h0, g0), (lp1, h1, g1) = results[0], results[32]
+    dl, dh, dg = float((lp1 - lp0).abs().max()), float((h1 - h0).abs().max()), rel_err(g1, g0)
+    check("ppo fused head = full logits (bf16)", dl < 3e-2 and dh < 3e-2 and dg < 2e-2,
+          f"max |log-prob diff| {dl:.1e}, max |entropy diff| {dh:.1e} (< 3e-2), gradient rel err {dg:.2e} (< 2e-2)")
 
 
 class Pattern(Objective):
@@ -220,7 +251,7 @@ def main() -> int:
     name = torch.cuda.get_device_name() if DEV == "cuda" else "cpu"
     print(f"{name} | torch {torch.__version__} | bf16 {torch.cuda.is_bf16_supported()} | "
           f"flash sdp {torch.backends.cuda.flash_sdp_enabled()}", flush=True)
-    groups: list[Callable[[], None]] = [gpt_checks, loss_checks, trainer_checks, word2vec_checks]
+    groups: list[Callable[[], None]] = [gpt_checks, loss_checks, ppo_checks, trainer_checks, word2vec_checks]
     for group in groups:
         try:
             group()
