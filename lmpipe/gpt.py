@@ -151,6 +151,26 @@ class Generation:
         return out
 
 
+def widen(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision values in float32 (float32 and float64 stay as they are): softmaxes are taken in these."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def head_dtype(h: torch.Tensor) -> torch.dtype:
+    """The dtype a fused LM head's matmuls run in: the autocast dtype where autocast is on, else ``h``'s."""
+    device = h.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+
+
+def add_weight_grad(grad_w: torch.Tensor, g: torch.Tensor, x: torch.Tensor) -> None:
+    """``grad_w += g.T @ x`` for one chunk of a fused LM head; ``grad_w`` is float32 (or float64) whatever the
+    matmul's dtype. ``addmm_`` needs one dtype, so a half-precision chunk's product is rounded once, then summed."""
+    if g.dtype == grad_w.dtype:
+        grad_w.addmm_(g.t(), x)
+    else:
+        grad_w += g.t() @ x
+
+
 def _nll_and_grad(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, ignore_index: int,
                   grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Summed cross-entropy of the logits ``x @ w.T`` (one chunk) and, if ``grad``, its gradient in the logits.
@@ -194,11 +214,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 nll, g = _nll_and_grad(x, w, targets[s : s + chunk], ignore_index, grad=True)
                 total += nll
                 grad_h[s : s + chunk] = (g @ w) * valid
-                masked = x * valid
-                if dtype == grad_w.dtype:
-                    grad_w.addmm_(g.t(), masked)
-                else:  # addmm_ needs one dtype: the chunk's product is rounded once, then summed in float32
-                    grad_w += g.t() @ masked
+                add_weight_grad(grad_w, g, x * valid)
         count = valid_all.sum() if mean else torch.ones((), dtype=torch.long, device=h.device)
         ctx.save_for_backward(grad_h, grad_w, count)
         ctx.weight_dtype = weight.dtype
@@ -225,8 +241,7 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
         raise ValueError(f"linear_cross_entropy: chunk must be >= 1, got {chunk}")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"linear_cross_entropy: reduction must be 'mean' or 'sum', got {reduction!r}")
-    device = h.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+    device, dtype = h.device.type, head_dtype(h)
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(h, weight, targets, ignore_index, chunk, dtype, reduction == "mean")
     x_all, w = h.to(dtype), weight.to(dtype)
@@ -324,7 +339,7 @@ class GPT(nn.Module):
         logits = self.lm_head(self.hidden(idx, positions, attn_mask))
         if targets is None:
             return logits, None
-        wide = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits: a float32 softmax
+        wide = widen(logits)  # bf16 logits: a float32 softmax
         loss = F.cross_entropy(wide.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index)
         return logits, loss
 

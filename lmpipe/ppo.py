@@ -54,7 +54,7 @@ from lmpipe.bpe import END_ID, PAD_ID
 from lmpipe.chat import STOP_IDS, TEMPLATE_NAME, ChatTemplate, Message
 from lmpipe.checkpoint import read_model_config, save_model_folder
 from lmpipe.config import PipelineConfig, PpoConfig
-from lmpipe.gpt import GPT
+from lmpipe.gpt import GPT, widen
 from lmpipe.pretrain import TOKENIZER_FILE, file_sha256, step_seed
 from lmpipe.sft import answer, heldout
 from lmpipe.stage import Logger, NullLogger, StageContext, StageOutput
@@ -147,7 +147,7 @@ def response_logprobs(model: GPT, hidden: torch.Tensor, response: torch.Tensor, 
     B, N = response.shape
     weight = model.lm_head.weight
     if chunk == 0:
-        logits = rl.widen(model.lm_head(hidden)) / temperature
+        logits = widen(model.lm_head(hidden)) / temperature
         m = mask.to(torch.float32)
         return rl.logprobs_from_logits(logits, response) * m, rl.entropy_from_logits(logits) * m
     h, tokens = hidden.flatten(0, 1), response.reshape(-1)

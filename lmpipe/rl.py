@@ -18,6 +18,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from lmpipe.gpt import add_weight_grad, head_dtype, widen
+
 KLEstimator = Literal["k1", "k3"]
 
 
@@ -74,11 +76,6 @@ def _reduced(sums: torch.Tensor, reduce: Reduce) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------
 # log-probabilities, entropy, KL
-
-
-def widen(logits: torch.Tensor) -> torch.Tensor:
-    """Half-precision logits in float32 (float32 and float64 stay as they are)."""
-    return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -141,10 +138,7 @@ class _LinearLogprobs(torch.autograd.Function):
                     g.scatter_add_(1, tokens[rows, None], g_logp[rows, None].to(g.dtype))
                 g = g.div_(ctx.temperature).to(ctx.dtype)
                 grad_h[rows] = g @ w
-                if ctx.dtype == grad_w.dtype:
-                    grad_w.addmm_(g.t(), x)
-                else:  # addmm_ needs one dtype: the chunk's product is rounded once, then summed in float32
-                    grad_w += g.t() @ x
+                add_weight_grad(grad_w, g, x)
         return grad_h, grad_w.to(weight.dtype), None, None, None, None
 
 
@@ -178,8 +172,7 @@ def linear_logprobs(h: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor,
         raise ValueError(f"linear_logprobs: chunk must be >= 1, got {chunk}")
     if temperature <= 0:
         raise ValueError(f"linear_logprobs: temperature must be > 0, got {temperature}")
-    device = h.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+    dtype = head_dtype(h)
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         return _LinearLogprobs.apply(h, weight, tokens, temperature, chunk, dtype)
     logp, entropy, _, _ = _logprobs_entropy(h.to(dtype), weight.to(dtype), tokens, temperature, chunk)
