@@ -27,25 +27,23 @@ are never trained on.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import duckdb
 import pyarrow as pa
 
-from lmpipe import sources, warehouse
+from lmpipe import sources
 from lmpipe.chat import ROLES, Message, check_turns, conversation
 from lmpipe.config import IngestConfig
 from lmpipe.corpus import split_of, text_hash
-from lmpipe.records import FileReport, ingest_file, insert_new
-from lmpipe.sources import Source, resolve_sources
+from lmpipe.records import FileReport, RecordTable
+from lmpipe.sources import Source
 from lmpipe.workspace import Workspace
 
 BUILTIN_SOURCE = "builtin:python-stdlib-instructions"
@@ -106,13 +104,9 @@ class Record:
         return hashlib.md5(json.dumps(turns, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
-@contextlib.contextmanager
-def connect(ws: Workspace, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-    """A warehouse connection (:func:`lmpipe.warehouse.connect`) with the instruction tables in place."""
-    with warehouse.connect(ws, read_only=read_only) as con:
-        if not read_only:
-            con.execute(SCHEMA)
-        yield con
+_COLUMNS = "source, line, system, history, prompt, response, split, hash, object"
+TABLE = RecordTable("instructions", "instruction_sources", _COLUMNS, SCHEMA, (BUILTIN_SOURCE,))
+connect = TABLE.connect
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,19 +198,10 @@ def _rows_table(source: str, records: Sequence[Record], cfg: IngestConfig, objec
     })
 
 
-_COLUMNS = "source, line, system, history, prompt, response, split, hash, object"
-
-
-def _insert_new(con: duckdb.DuckDBPyConnection, table: pa.Table) -> int:
-    return insert_new(con, "instructions", _COLUMNS, table)
-
-
 def ingest_files(ws: Workspace, specs: Sequence[str], cfg: IngestConfig) -> list[FileReport]:
     """Ingest instruction files (paths, directories or globs), one transaction each; raises IngestError."""
-    planned = resolve_sources(specs, cfg.fsspec_schemes)  # every path is checked before anything is read
-    with connect(ws) as con:
-        return [ingest_file(con, src, "instructions", _COLUMNS, "instruction_sources", read_records,
-                            lambda uri, rows: _rows_table(uri, rows, cfg)) for src in planned]
+    return TABLE.ingest_files(ws, specs, cfg.fsspec_schemes, read_records,
+                              lambda uri, rows: _rows_table(uri, rows, cfg))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,15 +258,8 @@ def derive_builtin(ws: Workspace, cfg: IngestConfig, per_object: int = 0, max_ch
     t0 = time.perf_counter()
     with connect(ws) as con:
         records, objects = builtin_records(con, cfg, per_object, max_chars)
-        con.begin()
-        try:
-            con.execute("DELETE FROM instructions WHERE source = ?", [BUILTIN_SOURCE])
-            kept = _insert_new(con, _rows_table(BUILTIN_SOURCE, records, cfg, objects)) if records else 0
-            con.commit()
-        except BaseException:
-            con.rollback()
-            raise
-    return FileReport(BUILTIN_SOURCE, "derived", len(records), kept, time.perf_counter() - t0)
+        rows = _rows_table(BUILTIN_SOURCE, records, cfg, objects) if records else None
+        return TABLE.replace_builtin(con, BUILTIN_SOURCE, len(records), rows, t0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -304,20 +282,11 @@ class Instruction:
         return conversation(self.prompt, self.response if with_response else None, self.system, self.history)
 
 
-def _has_table(con: duckdb.DuckDBPyConnection) -> bool:
-    return bool(con.sql("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'instructions'").fetchall()[0][0])
-
-
-def _source_filter(builtin: bool, exclude: Sequence[str] = ()) -> tuple[str, list[str]]:
-    excluded = [*exclude, *([] if builtin else [BUILTIN_SOURCE])]
-    return (f"source NOT IN ({', '.join('?' * len(excluded))})", excluded) if excluded else ("true", [])
-
-
 def load_instructions(ws: Workspace, split: str, builtin: bool = True) -> list[Instruction]:
     """The rows of ``split`` in a stable order (by conversation hash); without the built-in set if asked."""
-    where, params = _source_filter(builtin)
+    where, params = TABLE.where(builtin)
     with connect(ws, read_only=True) as con:
-        if not _has_table(con):
+        if not TABLE.exists(con):
             return []
         rows = con.execute(f"""SELECT prompt, response, source, split, system, history, object FROM instructions
                                WHERE split = ? AND {where} ORDER BY hash""", [split, *params]).fetchall()
@@ -330,31 +299,9 @@ def load_instructions(ws: Workspace, split: str, builtin: bool = True) -> list[I
 
 def counts(ws: Workspace, builtin: bool = True) -> dict[str, int]:
     """Rows per split."""
-    where, params = _source_filter(builtin)
+    where, params = TABLE.where(builtin)
     with connect(ws, read_only=True) as con:
-        if not _has_table(con):
+        if not TABLE.exists(con):
             return {}
         rows = con.execute(f"SELECT split, count(*) FROM instructions WHERE {where} GROUP BY split", params).fetchall()
     return {s: int(n) for s, n in rows}
-
-
-def fingerprint(ws: Workspace, builtin: bool = True, exclude: Sequence[str] = ()) -> str:
-    """md5 over the sorted (hash, split) pairs of the rows (minus sources in ``exclude``): changes iff they do."""
-    if not ws.warehouse.exists():
-        return "0-"
-    where, params = _source_filter(builtin, exclude)
-    with connect(ws, read_only=True) as con:
-        if not _has_table(con):
-            return "0-"
-        row = con.execute(f"""SELECT count(*), coalesce(md5(string_agg(hash || split, ',' ORDER BY hash, split)), '')
-                              FROM instructions WHERE {where}""", params).fetchall()[0]
-    return f"{row[0]}-{row[1][:16]}"
-
-
-def file_stats(paths: Sequence[str]) -> list[list[Any]]:
-    """(uri, size, mtime) of every instruction file, so an edited file changes a stage's cache key."""
-    out = []
-    for src in resolve_sources(paths) if paths else []:
-        st = Path(src.uri).stat()
-        out.append([src.uri, st.st_size, st.st_mtime_ns])
-    return out

@@ -714,7 +714,7 @@ def run_stage(ctx: StageContext) -> StageOutput:
 
 def external_inputs(ws: Workspace, cfg: PipelineConfig) -> dict[str, Any]:
     """The instruction rows the prompts come from (the sft stage writes them; its result fingerprints weights)."""
-    return {"instructions": instructions.fingerprint(ws, cfg.sft.builtin)}
+    return {"instructions": instructions.TABLE.fingerprint(ws, cfg.sft.builtin)}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -37,7 +37,6 @@ Every built-in pair inherits the split of the object's document, as the instruct
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import itertools
 import json
@@ -45,21 +44,19 @@ import random
 import re
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import duckdb
 import pyarrow as pa
 
-from lmpipe import grounded, sources, warehouse
+from lmpipe import grounded, sources
 from lmpipe.chat import ROLES, Message, check_turns
 from lmpipe.config import IngestConfig
 from lmpipe.corpus import split_of, text_hash
 from lmpipe.instructions import phrasings, summary
-from lmpipe.records import FileReport, ingest_file, insert_new
-from lmpipe.sources import Source, resolve_sources
+from lmpipe.records import FileReport, RecordTable
+from lmpipe.sources import Source
 from lmpipe.workspace import Workspace
 
 SPLITS = ("train", "val", "test")
@@ -124,13 +121,9 @@ class Pair:
         return hashlib.md5(key.encode("utf-8")).hexdigest()
 
 
-@contextlib.contextmanager
-def connect(ws: Workspace, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-    """A warehouse connection (:func:`lmpipe.warehouse.connect`) with the preference tables in place."""
-    with warehouse.connect(ws, read_only=read_only) as con:
-        if not read_only:
-            con.execute(SCHEMA)
-        yield con
+_COLUMNS = "source, line, system, history, prompt, chosen, rejected, split, pair_type, group_id, hash, object"
+TABLE = RecordTable("preferences", "preference_sources", _COLUMNS, SCHEMA, BUILTIN_SOURCES)
+connect = TABLE.connect
 
 
 # ----------------------------------------------------------------------------------------------
@@ -264,34 +257,16 @@ def _rows_table(source: str, pairs: Sequence[Pair], cfg: IngestConfig) -> pa.Tab
     })
 
 
-_COLUMNS = "source, line, system, history, prompt, chosen, rejected, split, pair_type, group_id, hash, object"
-
-
-def _insert_new(con: duckdb.DuckDBPyConnection, table: pa.Table) -> int:
-    return insert_new(con, "preferences", _COLUMNS, table)
-
-
 def ingest_files(ws: Workspace, specs: Sequence[str], cfg: IngestConfig) -> list[FileReport]:
     """Ingest preference files (paths, directories or globs), one transaction each; raises IngestError."""
-    planned = resolve_sources(specs, cfg.fsspec_schemes)  # every path is checked before anything is read
-    with connect(ws) as con:
-        return [ingest_file(con, src, "preferences", _COLUMNS, "preference_sources", read_pairs,
-                            lambda uri, rows: _rows_table(uri, rows, cfg)) for src in planned]
+    return TABLE.ingest_files(ws, specs, cfg.fsspec_schemes, read_pairs, lambda uri, rows: _rows_table(uri, rows, cfg))
 
 
 def replace_source(ws: Workspace, source: str, pairs: Sequence[Pair], cfg: IngestConfig) -> FileReport:
     """Replace the rows of a built-in ``source`` by ``pairs`` in one transaction."""
     t0 = time.perf_counter()
     with connect(ws) as con:
-        con.begin()
-        try:
-            con.execute("DELETE FROM preferences WHERE source = ?", [source])
-            kept = _insert_new(con, _rows_table(source, pairs, cfg)) if pairs else 0
-            con.commit()
-        except BaseException:
-            con.rollback()
-            raise
-    return FileReport(source, "derived", len(pairs), kept, time.perf_counter() - t0)
+        return TABLE.replace_builtin(con, source, len(pairs), _rows_table(source, pairs, cfg) if pairs else None, t0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -450,20 +425,11 @@ def choose_ranked_objects(objects: Sequence[StdlibObject], count: int, seed: int
 # reading the table
 
 
-def _has_table(con: duckdb.DuckDBPyConnection) -> bool:
-    return bool(con.sql("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'preferences'").fetchall()[0][0])
-
-
-def _source_filter(builtin: bool, exclude: Sequence[str] = ()) -> tuple[str, list[str]]:
-    excluded = [*exclude, *([] if builtin else BUILTIN_SOURCES)]
-    return (f"source NOT IN ({', '.join('?' * len(excluded))})", excluded) if excluded else ("true", [])
-
-
 def load_pairs(ws: Workspace, split: str, builtin: bool = True) -> list[Pair]:
     """The pairs of ``split`` in a stable order (by group, then pair hash); without the built-in pairs if asked."""
-    where, params = _source_filter(builtin)
+    where, params = TABLE.where(builtin)
     with connect(ws, read_only=True) as con:
-        if not _has_table(con):
+        if not TABLE.exists(con):
             return []
         rows = con.execute(
             f"""SELECT prompt, chosen, rejected, pair_type, group_id, split, system, history, line, object
@@ -477,9 +443,9 @@ def load_pairs(ws: Workspace, split: str, builtin: bool = True) -> list[Pair]:
 
 def counts(ws: Workspace, builtin: bool = True) -> dict[str, int]:
     """Rows per split and per (split, pair type), as ``{"train": n, "train_ranked": m, ...}``."""
-    where, params = _source_filter(builtin)
+    where, params = TABLE.where(builtin)
     with connect(ws, read_only=True) as con:
-        if not _has_table(con):
+        if not TABLE.exists(con):
             return {}
         rows = con.execute(f"SELECT split, pair_type, count(*) FROM preferences WHERE {where} GROUP BY ALL",
                            params).fetchall()
@@ -488,25 +454,3 @@ def counts(ws: Workspace, builtin: bool = True) -> dict[str, int]:
         out[split] += int(n)
         out[f"{split}_{pair_type}"] += int(n)
     return dict(out)
-
-
-def fingerprint(ws: Workspace, builtin: bool = True, exclude: Sequence[str] = ()) -> str:
-    """md5 over the sorted (hash, split) pairs of the rows (minus sources in ``exclude``): changes iff they do."""
-    if not ws.warehouse.exists():
-        return "0-"
-    where, params = _source_filter(builtin, exclude)
-    with connect(ws, read_only=True) as con:
-        if not _has_table(con):
-            return "0-"
-        row = con.execute(f"""SELECT count(*), coalesce(md5(string_agg(hash || split, ',' ORDER BY hash, split)), '')
-                              FROM preferences WHERE {where}""", params).fetchall()[0]
-    return f"{row[0]}-{row[1][:16]}"
-
-
-def file_stats(paths: Sequence[str]) -> list[list[Any]]:
-    """(uri, size, mtime) of every preference file, so an edited file changes a stage's cache key."""
-    out = []
-    for src in resolve_sources(paths) if paths else []:
-        st = Path(src.uri).stat()
-        out.append([src.uri, st.st_size, st.st_mtime_ns])
-    return out

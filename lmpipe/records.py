@@ -1,22 +1,28 @@
-"""Writing multi-field record files (instructions, preference pairs) into their warehouse tables.
+"""Multi-field record files (instructions, preference pairs) and their warehouse tables.
 
-Both kinds follow one protocol: a file already recorded (same sha256) in the kind's sources table is
-skipped; otherwise it is read and checked whole (``sources.read_records``), then its rows whose
-``hash`` is new to the table are inserted, first occurrence only and in file order, together with the
-file's row in the sources table, in one transaction.
+Both kinds follow one protocol, described once by a :class:`RecordTable`: a file already recorded (same
+sha256) in the kind's sources table is skipped; otherwise it is read and checked whole
+(``sources.read_records``), then its rows whose ``hash`` is new to the table are inserted, first
+occurrence only and in file order, together with the file's row in the sources table, in one
+transaction. A built-in set (derived by the pipeline, not read from a file) replaces its earlier rows in
+one transaction too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import duckdb
 import pyarrow as pa
 
-from lmpipe.sources import Source, source_digest
+from lmpipe import warehouse
+from lmpipe.sources import Source, resolve_sources, source_digest
+from lmpipe.workspace import Workspace
 
 
 @dataclass(frozen=True)
@@ -30,38 +36,111 @@ class FileReport:
     seconds: float = 0.0
 
 
-def insert_new(con: duckdb.DuckDBPyConnection, table: str, columns: str, rows: pa.Table) -> int:
-    """Insert the ``rows`` whose ``hash`` is not in ``table`` yet (the first of repeats, in order); return how many."""
-    con.register("_incoming", rows)
-    before = con.sql(f"SELECT count(*) FROM {table}").fetchall()[0][0]
-    con.execute(
-        f"""INSERT INTO {table}
-            SELECT {columns}
-            FROM (SELECT *, row_number() OVER () AS ord FROM _incoming)
-            WHERE hash NOT IN (SELECT hash FROM {table})
-            QUALIFY row_number() OVER (PARTITION BY hash ORDER BY ord) = 1
-            ORDER BY ord"""
-    )
-    con.unregister("_incoming")
-    return con.sql(f"SELECT count(*) FROM {table}").fetchall()[0][0] - before
+@dataclass(frozen=True)
+class RecordTable:
+    """One kind of record: its rows table, the table of ingested files, their schema, its built-in sources."""
+
+    name: str  # the rows, e.g. "instructions"
+    sources: str  # one row per ingested file: uri, sha256, records, kept, ingested_at
+    columns: str  # the rows' columns in insertion order
+    schema: str  # CREATE TABLE IF NOT EXISTS statements for both tables
+    builtin: tuple[str, ...]  # the ``source`` values of the sets the pipeline derives itself
+
+    @contextlib.contextmanager
+    def connect(self, ws: Workspace, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A warehouse connection (:func:`lmpipe.warehouse.connect`) with both tables in place."""
+        with warehouse.connect(ws, read_only=read_only) as con:
+            if not read_only:
+                con.execute(self.schema)
+            yield con
+
+    def exists(self, con: duckdb.DuckDBPyConnection) -> bool:
+        """Whether the rows table has been created (a read-only connection cannot create it)."""
+        return bool(con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = ?",
+                                [self.name]).fetchall()[0][0])
+
+    def where(self, builtin: bool = True, exclude: Sequence[str] = ()) -> tuple[str, list[str]]:
+        """A SQL condition and its parameters: rows not from ``exclude``, nor from the built-in sets unless asked."""
+        excluded = [*exclude, *([] if builtin else self.builtin)]
+        return (f"source NOT IN ({', '.join('?' * len(excluded))})", excluded) if excluded else ("true", [])
+
+    def insert_new(self, con: duckdb.DuckDBPyConnection, rows: pa.Table) -> int:
+        """Insert the ``rows`` whose ``hash`` is new to the table (first of repeats, in order); return how many."""
+        con.register("_incoming", rows)
+        before = con.sql(f"SELECT count(*) FROM {self.name}").fetchall()[0][0]
+        con.execute(
+            f"""INSERT INTO {self.name}
+                SELECT {self.columns}
+                FROM (SELECT *, row_number() OVER () AS ord FROM _incoming)
+                WHERE hash NOT IN (SELECT hash FROM {self.name})
+                QUALIFY row_number() OVER (PARTITION BY hash ORDER BY ord) = 1
+                ORDER BY ord"""
+        )
+        con.unregister("_incoming")
+        return con.sql(f"SELECT count(*) FROM {self.name}").fetchall()[0][0] - before
+
+    def ingest_file(self, con: duckdb.DuckDBPyConnection, source: Source, read: Callable[[Source], Sequence[Any]],
+                    to_rows: Callable[[str, Sequence[Any]], pa.Table]) -> FileReport:
+        """Ingest one record file (see the module docstring); raises IngestError on bad input."""
+        t0 = time.perf_counter()
+        sha, _ = source_digest(source)
+        if con.execute(f"SELECT count(*) FROM {self.sources} WHERE sha256 = ?", [sha]).fetchall()[0][0]:
+            return FileReport(source.uri, "skipped")
+        records = read(source)  # everything is read and checked before anything is written
+        con.begin()
+        try:
+            kept = self.insert_new(con, to_rows(source.uri, records))
+            con.execute(f"INSERT INTO {self.sources} VALUES (?, ?, ?, ?, now())", [source.uri, sha, len(records), kept])
+            con.commit()
+        except BaseException:
+            con.rollback()
+            raise
+        return FileReport(source.uri, "ingested", len(records), kept, time.perf_counter() - t0)
+
+    def ingest_files(self, ws: Workspace, specs: Sequence[str], schemes: Sequence[str],
+                     read: Callable[[Source], Sequence[Any]], to_rows: Callable[[str, Sequence[Any]], pa.Table]
+                     ) -> list[FileReport]:
+        """Ingest record files (paths, directories or globs), one transaction each; raises IngestError."""
+        planned = resolve_sources(specs, schemes)  # every path is checked before anything is read
+        with self.connect(ws) as con:
+            return [self.ingest_file(con, src, read, to_rows) for src in planned]
+
+    def replace_builtin(self, con: duckdb.DuckDBPyConnection, source: str, records: int, rows: pa.Table | None,
+                        started: float) -> FileReport:
+        """Replace the rows of the built-in set ``source`` by ``rows`` (None: no records) in one transaction."""
+        con.begin()
+        try:
+            con.execute(f"DELETE FROM {self.name} WHERE source = ?", [source])
+            kept = self.insert_new(con, rows) if rows is not None else 0
+            con.commit()
+        except BaseException:
+            con.rollback()
+            raise
+        return FileReport(source, "derived", records, kept, time.perf_counter() - started)
+
+    def fingerprint(self, ws: Workspace, builtin: bool = True, exclude: Sequence[str] = ()) -> str:
+        """md5 over the sorted (hash, split) pairs of the rows (minus sources in ``exclude``): changes iff they do."""
+        if not ws.warehouse.exists():
+            return "0-"
+        where, params = self.where(builtin, exclude)
+        with self.connect(ws, read_only=True) as con:
+            if not self.exists(con):
+                return "0-"
+            digest = "coalesce(md5(string_agg(hash || split, ',' ORDER BY hash, split)), '')"
+            row = con.execute(f"SELECT count(*), {digest} FROM {self.name} WHERE {where}", params).fetchall()[0]
+        return f"{row[0]}-{row[1][:16]}"
+
+    def external_inputs(self, ws: Workspace, paths: Sequence[str]) -> dict[str, Any]:
+        """A stage's cache inputs from outside the pipeline: its configured files (size, mtime), so an edited file
+        changes the key, and the fingerprint of the rows ingested from elsewhere (``lmpipe ingest``)."""
+        files = file_stats(paths)
+        return {"files": files, "other_rows": self.fingerprint(ws, builtin=False, exclude=[f[0] for f in files])}
 
 
-def ingest_file(
-    con: duckdb.DuckDBPyConnection, source: Source, table: str, columns: str, sources_table: str,
-    read: Callable[[Source], Sequence[Any]], to_rows: Callable[[str, Sequence[Any]], pa.Table],
-) -> FileReport:
-    """Ingest one record file into ``table`` (see the module docstring); raises IngestError on bad input."""
-    t0 = time.perf_counter()
-    sha, _ = source_digest(source)
-    if con.execute(f"SELECT count(*) FROM {sources_table} WHERE sha256 = ?", [sha]).fetchall()[0][0]:
-        return FileReport(source.uri, "skipped")
-    records = read(source)  # everything is read and checked before anything is written
-    con.begin()
-    try:
-        kept = insert_new(con, table, columns, to_rows(source.uri, records))
-        con.execute(f"INSERT INTO {sources_table} VALUES (?, ?, ?, ?, now())", [source.uri, sha, len(records), kept])
-        con.commit()
-    except BaseException:
-        con.rollback()
-        raise
-    return FileReport(source.uri, "ingested", len(records), kept, time.perf_counter() - t0)
+def file_stats(paths: Sequence[str]) -> list[list[Any]]:
+    """(uri, size, mtime) of every file that ``paths`` (paths, directories or globs) name."""
+    out = []
+    for src in resolve_sources(paths) if paths else []:
+        st = Path(src.uri).stat()
+        out.append([src.uri, st.st_size, st.st_mtime_ns])
+    return out

@@ -712,9 +712,7 @@ def run_stage(ctx: StageContext) -> StageOutput:
 
 def external_inputs(ws: Workspace, cfg: PipelineConfig) -> dict[str, Any]:
     """The configured preference files (size, mtime) and the preference rows ingested outside the stage."""
-    files = preferences.file_stats(cfg.reward.sources)
-    others = preferences.fingerprint(ws, builtin=False, exclude=[f[0] for f in files])
-    return {"files": files, "other_rows": others}
+    return preferences.TABLE.external_inputs(ws, cfg.reward.sources)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -461,9 +461,7 @@ def run_stage(ctx: StageContext) -> StageOutput:
 
 def external_inputs(ws: Workspace, cfg: PipelineConfig) -> dict[str, Any]:
     """The configured instruction files (size, mtime) and the instruction rows ingested outside the stage."""
-    files = instructions.file_stats(cfg.sft.sources)
-    others = instructions.fingerprint(ws, builtin=False, exclude=[f[0] for f in files])
-    return {"files": files, "other_rows": others}
+    return instructions.TABLE.external_inputs(ws, cfg.sft.sources)
 
 
 def is_chat_model(model_dir: Path) -> bool:

@@ -159,8 +159,8 @@ def test_loading_without_the_builtin_set(workspace, tmp_path):
     (only,) = ins.load_instructions(workspace, "train", builtin=False)
     assert (only.prompt, only.response, only.source) == ("P", "R", str(f.resolve()))
     assert only.messages() == [Message("user", "P"), Message("assistant", "R")]
-    before = ins.fingerprint(workspace, builtin=False)
-    assert ins.fingerprint(workspace, builtin=False, exclude=[str(f.resolve())]) == "0-"
+    before = ins.TABLE.fingerprint(workspace, builtin=False)
+    assert ins.TABLE.fingerprint(workspace, builtin=False, exclude=[str(f.resolve())]) == "0-"
     assert before.startswith("1-") and ins.counts(workspace, builtin=False) == {"train": 1}
 
 
