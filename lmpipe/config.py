@@ -32,6 +32,49 @@ def knob(default: Any, doc: str) -> Any:
     return field(default=default, metadata={"doc": doc})
 
 
+# The knobs of the shared training machinery (lmpipe.trainer) that every training stage (pretrain, sft,
+# reward, ppo) has, each described once; each stage picks its own defaults.
+TRAINING_KNOBS = {
+    "grad_accum": "Micro-batches accumulated into one optimizer step.",
+    "lr": "Peak learning rate.",
+    "min_lr": "Learning rate at the end of the cosine decay (equal to lr: constant).",
+    "warmup_steps": "Optimizer steps of linear learning-rate warmup.",
+    "weight_decay": "AdamW weight decay, applied to matrices only.",
+    "beta1": "AdamW beta1.",
+    "beta2": "AdamW beta2.",
+    "grad_clip": "Clip the global gradient norm to this (0: no clipping).",
+    "keep_last": "Checkpoints kept on disk (older ones are deleted).",
+    "device": "Training device; auto picks CUDA when available.",
+    "dtype": "Autocast precision; auto is bf16 on GPUs with it, else float32.",
+    "deterministic": "Ask PyTorch for deterministic kernels (exact resume on CPU).",
+    "threads": "CPU threads for PyTorch (0: leave PyTorch's default).",
+    "peak_tflops": "Accelerator peak in TFLOP/s for MFU (0: look the GPU up in a table).",
+}
+
+
+def training_knob(name: str, default: Any) -> Any:
+    """A knob of the shared training machinery, described in :data:`TRAINING_KNOBS`."""
+    return field(default=default, metadata={"doc": TRAINING_KNOBS[name], "training": name})
+
+
+def check_training(cfg: Any, section: str) -> None:
+    """The checks of the shared training knobs that ``cfg`` has (``section`` names it in errors)."""
+    has = {f.name for f in dataclasses.fields(cfg)}
+    if not 0 <= cfg.min_lr <= cfg.lr or cfg.warmup_steps < 0:
+        raise ConfigError(f"{section} needs 0 <= min_lr <= lr and warmup_steps >= 0")
+    if "max_steps" in has and cfg.warmup_steps > cfg.max_steps:
+        raise ConfigError(f"{section}.warmup_steps must be <= {section}.max_steps")
+    if not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1) or cfg.weight_decay < 0 or cfg.grad_clip < 0:
+        raise ConfigError(f"{section}.beta1/beta2 must be in [0, 1); weight_decay and grad_clip >= 0")
+    if "grad_accum" in has and cfg.grad_accum < 1:
+        raise ConfigError(f"{section}.grad_accum must be >= 1")
+    counts = [k for k in ("save_every", "keep_last", "threads", "peak_tflops") if k in has and getattr(cfg, k) < 0]
+    if counts:
+        raise ConfigError(f"{section}.{counts[0]} must be >= 0")
+    if cfg.log_every < 1:
+        raise ConfigError(f"{section}.log_every must be >= 1")
+
+
 @dataclass(frozen=True)
 class TrackingConfig:
     """Where runs are recorded. Not part of any stage's cache key."""
@@ -248,20 +291,20 @@ class PretrainConfig:
     rope_theta: float = knob(10000.0, "Base of the rotary frequencies.")
     vocab_multiple: int = knob(64, "Pad the model's vocabulary up to a multiple of this (faster matmuls on GPU).")
     batch_size: int = knob(16, "Sequences per micro-batch per process.")
-    grad_accum: int = knob(1, "Micro-batches accumulated into one optimizer step.")
+    grad_accum: int = training_knob("grad_accum", 1)
     loss_chunk: int = knob(
         1024,
         "Training tokens per chunk of the fused LM head and cross-entropy, which never holds the (tokens x "
         "vocabulary) logits in full (0: make all the logits, then the loss).",
     )
     max_steps: int = knob(1000, "Optimizer steps.")
-    lr: float = knob(1e-3, "Peak learning rate.")
-    min_lr: float = knob(1e-4, "Learning rate at the end of the cosine decay.")
-    warmup_steps: int = knob(50, "Steps of linear learning-rate warmup.")
-    weight_decay: float = knob(0.1, "AdamW weight decay, applied to matrices only.")
-    beta1: float = knob(0.9, "AdamW beta1.")
-    beta2: float = knob(0.95, "AdamW beta2.")
-    grad_clip: float = knob(1.0, "Clip the global gradient norm to this (0: no clipping).")
+    lr: float = training_knob("lr", 1e-3)
+    min_lr: float = training_knob("min_lr", 1e-4)
+    warmup_steps: int = training_knob("warmup_steps", 50)
+    weight_decay: float = training_knob("weight_decay", 0.1)
+    beta1: float = training_knob("beta1", 0.9)
+    beta2: float = training_knob("beta2", 0.95)
+    grad_clip: float = training_knob("grad_clip", 1.0)
     eval_every: int = knob(100, "Evaluate val loss and sample generations every this many steps (0: only at the end).")
     eval_iters: int = knob(20, "Val batches per periodic evaluation (the final one also scores val and test in full).")
     sample_prompts: tuple[str, ...] = knob(
@@ -271,20 +314,18 @@ class PretrainConfig:
     temperature: float = knob(0.8, "Sampling temperature of the sample generations (0: greedy).")
     top_k: int = knob(50, "Sample only among the k most likely tokens (0: no limit).")
     save_every: int = knob(250, "Write a checkpoint every this many steps (and always at the end).")
-    keep_last: int = knob(2, "Checkpoints kept on disk (older ones are deleted).")
+    keep_last: int = training_knob("keep_last", 2)
     log_every: int = knob(10, "Print the progress line every this many steps.")
-    device: Literal["auto", "cpu", "cuda"] = knob("auto", "Training device; auto picks CUDA when available.")
-    dtype: Literal["auto", "float32", "bfloat16"] = knob(
-        "auto", "Autocast precision; auto is bf16 on GPUs with it, else float32."
-    )
+    device: Literal["auto", "cpu", "cuda"] = training_knob("device", "auto")
+    dtype: Literal["auto", "float32", "bfloat16"] = training_knob("dtype", "auto")
     compile: bool = knob(False, "Compile the model with torch.compile.")
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = knob(
         "default", "torch.compile mode when compile is on."
     )
     seed: int = knob(1337, "Seed of initialisation, data order and sampling.")
-    deterministic: bool = knob(True, "Ask PyTorch for deterministic kernels (exact resume on CPU).")
-    threads: int = knob(0, "CPU threads for PyTorch (0: leave PyTorch's default).")
-    peak_tflops: float = knob(0.0, "Accelerator peak in TFLOP/s for MFU (0: look the GPU up in a table).")
+    deterministic: bool = training_knob("deterministic", True)
+    threads: int = training_knob("threads", 0)
+    peak_tflops: float = training_knob("peak_tflops", 0.0)
     export_hf: bool = knob(True, "Also write a Hugging Face transformers folder of the final model.")
 
     def __post_init__(self) -> None:
@@ -292,20 +333,15 @@ class PretrainConfig:
             raise ConfigError("pretrain.n_layer and pretrain.n_head must be >= 1, and n_embd a multiple of n_head")
         if self.positions == "rope" and (self.n_embd // self.n_head) % 2:
             raise ConfigError("pretrain.positions=rope needs an even head size (n_embd / n_head)")
-        if self.block_size < 2 or self.batch_size < 1 or self.grad_accum < 1 or self.max_steps < 1:
-            raise ConfigError("pretrain.block_size must be >= 2; batch_size, grad_accum and max_steps >= 1")
+        if self.block_size < 2 or self.batch_size < 1 or self.max_steps < 1:
+            raise ConfigError("pretrain.block_size must be >= 2; batch_size and max_steps >= 1")
         if not 0 <= self.dropout < 1 or self.vocab_multiple < 1:
             raise ConfigError("pretrain.dropout must be in [0, 1) and pretrain.vocab_multiple >= 1")
-        if not 0 <= self.min_lr <= self.lr or not 0 <= self.warmup_steps <= self.max_steps:
-            raise ConfigError("pretrain needs 0 <= min_lr <= lr and 0 <= warmup_steps <= max_steps")
-        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1) or self.weight_decay < 0 or self.grad_clip < 0:
-            raise ConfigError("pretrain.beta1/beta2 must be in [0, 1); weight_decay and grad_clip >= 0")
-        if min(self.eval_every, self.eval_iters, self.save_every, self.keep_last, self.top_k, self.threads,
-               self.loss_chunk) < 0:
-            raise ConfigError("pretrain.eval_every, eval_iters, save_every, keep_last, top_k, threads and loss_chunk "
-                              "must be >= 0")
-        if self.log_every < 1 or self.temperature < 0 or not 0 < self.sample_tokens < self.block_size:
-            raise ConfigError("pretrain.log_every >= 1, temperature >= 0 and 0 < sample_tokens < block_size")
+        check_training(self, "pretrain")
+        if min(self.eval_every, self.eval_iters, self.top_k, self.loss_chunk) < 0:
+            raise ConfigError("pretrain.eval_every, eval_iters, top_k and loss_chunk must be >= 0")
+        if self.temperature < 0 or not 0 < self.sample_tokens < self.block_size:
+            raise ConfigError("pretrain.temperature must be >= 0 and 0 < sample_tokens < block_size")
 
 
 @dataclass(frozen=True)
@@ -321,7 +357,7 @@ class SftConfig:
         300, "Longest built-in answer in characters (a longer first paragraph falls back to its first sentence)."
     )
     batch_size: int = knob(16, "Packed rows of the model's context length per micro-batch per process.")
-    grad_accum: int = knob(1, "Micro-batches accumulated into one optimizer step.")
+    grad_accum: int = training_knob("grad_accum", 1)
     loss_chunk: int = knob(
         1024,
         "Training tokens per chunk of the fused LM head and cross-entropy, which never holds the (tokens x "
@@ -329,13 +365,13 @@ class SftConfig:
         "(0: make all the logits, then the loss).",
     )
     max_steps: int = knob(300, "Optimizer steps (fewer if early stopping ends training).")
-    lr: float = knob(3e-4, "Peak learning rate.")
-    min_lr: float = knob(3e-5, "Learning rate at the end of the cosine decay.")
-    warmup_steps: int = knob(20, "Steps of linear learning-rate warmup.")
-    weight_decay: float = knob(0.1, "AdamW weight decay, applied to matrices only.")
-    beta1: float = knob(0.9, "AdamW beta1.")
-    beta2: float = knob(0.95, "AdamW beta2.")
-    grad_clip: float = knob(1.0, "Clip the global gradient norm to this (0: no clipping).")
+    lr: float = training_knob("lr", 3e-4)
+    min_lr: float = training_knob("min_lr", 3e-5)
+    warmup_steps: int = training_knob("warmup_steps", 20)
+    weight_decay: float = training_knob("weight_decay", 0.1)
+    beta1: float = training_knob("beta1", 0.9)
+    beta2: float = training_knob("beta2", 0.95)
+    grad_clip: float = training_knob("grad_clip", 1.0)
     eval_every: int = knob(50, "Evaluate the val response loss every this many steps (0: only at the start and end).")
     eval_examples: int = knob(256, "Val instructions scored by each periodic evaluation (0: all of them).")
     patience: int = knob(3, "Stop after this many evaluations without a better val response loss (0: never early).")
@@ -344,33 +380,26 @@ class SftConfig:
     max_new_tokens: int = knob(64, "Longest generated answer in tokens.")
     sample_rows: int = knob(16, "Held-out prompts in the logged table of both models' answers.")
     save_every: int = knob(100, "Write a checkpoint every this many steps (and always at the end).")
-    keep_last: int = knob(2, "Checkpoints kept on disk (older ones are deleted).")
+    keep_last: int = training_knob("keep_last", 2)
     log_every: int = knob(10, "Print the progress line every this many steps.")
-    device: Literal["auto", "cpu", "cuda"] = knob("auto", "Training device; auto picks CUDA when available.")
-    dtype: Literal["auto", "float32", "bfloat16"] = knob(
-        "auto", "Autocast precision; auto is bf16 on GPUs with it, else float32."
-    )
+    device: Literal["auto", "cpu", "cuda"] = training_knob("device", "auto")
+    dtype: Literal["auto", "float32", "bfloat16"] = training_knob("dtype", "auto")
     compile: bool = knob(False, "Compile the model with torch.compile.")
     seed: int = knob(1337, "Seed of the data order.")
-    deterministic: bool = knob(True, "Ask PyTorch for deterministic kernels (exact resume on CPU).")
-    threads: int = knob(0, "CPU threads for PyTorch (0: leave PyTorch's default).")
-    peak_tflops: float = knob(0.0, "Accelerator peak in TFLOP/s for MFU (0: look the GPU up in a table).")
+    deterministic: bool = training_knob("deterministic", True)
+    threads: int = training_knob("threads", 0)
+    peak_tflops: float = training_knob("peak_tflops", 0.0)
 
     def __post_init__(self) -> None:
         if self.phrasings < 0 or self.max_response_chars < 1:
             raise ConfigError("sft.phrasings must be >= 0 and sft.max_response_chars >= 1")
-        if self.batch_size < 1 or self.grad_accum < 1 or self.max_steps < 1:
-            raise ConfigError("sft.batch_size, sft.grad_accum and sft.max_steps must be >= 1")
-        if not 0 <= self.min_lr <= self.lr or not 0 <= self.warmup_steps <= self.max_steps:
-            raise ConfigError("sft needs 0 <= min_lr <= lr and 0 <= warmup_steps <= max_steps")
-        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1) or self.weight_decay < 0 or self.grad_clip < 0:
-            raise ConfigError("sft.beta1/beta2 must be in [0, 1); weight_decay and grad_clip >= 0")
+        if self.batch_size < 1 or self.max_steps < 1 or self.max_new_tokens < 1:
+            raise ConfigError("sft.batch_size, sft.max_steps and sft.max_new_tokens must be >= 1")
+        check_training(self, "sft")
         if min(self.eval_every, self.eval_examples, self.patience, self.min_delta, self.heldout_prompts,
-               self.sample_rows, self.save_every, self.keep_last, self.threads, self.loss_chunk) < 0:
-            raise ConfigError("sft.eval_every, eval_examples, patience, min_delta, heldout_prompts, sample_rows, "
-                              "save_every, keep_last, threads and loss_chunk must be >= 0")
-        if self.log_every < 1 or self.max_new_tokens < 1:
-            raise ConfigError("sft.log_every and sft.max_new_tokens must be >= 1")
+               self.sample_rows, self.loss_chunk) < 0:
+            raise ConfigError("sft.eval_every, eval_examples, patience, min_delta, heldout_prompts, sample_rows "
+                              "and loss_chunk must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -394,50 +423,43 @@ class RewardConfig:
     max_response_chars: int = knob(300, "Longest built-in true summary in characters (as in the SFT set).")
     margin: float = knob(0.0, "Margin m of the loss -log sigmoid(r_chosen - r_rejected - m).")
     batch_size: int = knob(16, "Prompt groups (all their pairs) per micro-batch per process.")
-    grad_accum: int = knob(1, "Micro-batches accumulated into one optimizer step.")
+    grad_accum: int = training_knob("grad_accum", 1)
     max_steps: int = knob(300, "Optimizer steps.")
-    lr: float = knob(1e-4, "Peak learning rate.")
-    min_lr: float = knob(1e-5, "Learning rate at the end of the cosine decay.")
-    warmup_steps: int = knob(20, "Steps of linear learning-rate warmup.")
-    weight_decay: float = knob(0.1, "AdamW weight decay, applied to matrices only.")
-    beta1: float = knob(0.9, "AdamW beta1.")
-    beta2: float = knob(0.95, "AdamW beta2.")
-    grad_clip: float = knob(1.0, "Clip the global gradient norm to this (0: no clipping).")
+    lr: float = training_knob("lr", 1e-4)
+    min_lr: float = training_knob("min_lr", 1e-5)
+    warmup_steps: int = training_knob("warmup_steps", 20)
+    weight_decay: float = training_knob("weight_decay", 0.1)
+    beta1: float = training_knob("beta1", 0.9)
+    beta2: float = training_knob("beta2", 0.95)
+    grad_clip: float = training_knob("grad_clip", 1.0)
     eval_every: int = knob(50, "Evaluate val pairwise accuracy every this many steps (0: only at the start and end).")
     eval_pairs: int = knob(512, "Val pairs scored by each periodic evaluation (0: all of them).")
     norm_responses: int = knob(2048, "Train responses scored for the reward mean and std that PPO normalises by.")
     calibration_buckets: int = knob(5, "Buckets (quantiles of |r_chosen - r_rejected|) of the calibration table.")
     min_accuracy: float = knob(0.6, "Held-out pairwise accuracy below which the model is refused to PPO (an error).")
     save_every: int = knob(100, "Write a checkpoint every this many steps (and always at the end).")
-    keep_last: int = knob(2, "Checkpoints kept on disk (older ones are deleted).")
+    keep_last: int = training_knob("keep_last", 2)
     log_every: int = knob(10, "Print the progress line every this many steps.")
-    device: Literal["auto", "cpu", "cuda"] = knob("auto", "Training device; auto picks CUDA when available.")
-    dtype: Literal["auto", "float32", "bfloat16"] = knob(
-        "auto", "Autocast precision; auto is bf16 on GPUs with it, else float32."
-    )
+    device: Literal["auto", "cpu", "cuda"] = training_knob("device", "auto")
+    dtype: Literal["auto", "float32", "bfloat16"] = training_knob("dtype", "auto")
     compile: bool = knob(False, "Compile the model with torch.compile.")
     seed: int = knob(1337, "Seed of the head's initialisation, the data order, the corruptions and the samples.")
-    deterministic: bool = knob(True, "Ask PyTorch for deterministic kernels (exact resume on CPU).")
-    threads: int = knob(0, "CPU threads for PyTorch (0: leave PyTorch's default).")
-    peak_tflops: float = knob(0.0, "Accelerator peak in TFLOP/s for MFU (0: look the GPU up in a table).")
+    deterministic: bool = training_knob("deterministic", True)
+    threads: int = training_knob("threads", 0)
+    peak_tflops: float = training_knob("peak_tflops", 0.0)
 
     def __post_init__(self) -> None:
         if self.ranked_prompts < 0 or self.samples_per_prompt < 2 or self.max_new_tokens < 1:
             raise ConfigError("reward.ranked_prompts must be >= 0, samples_per_prompt >= 2 and max_new_tokens >= 1")
         if self.sample_temperature <= 0 or self.sample_top_k < 0 or self.max_response_chars < 1 or self.margin < 0:
             raise ConfigError("reward: sample_temperature > 0, sample_top_k >= 0, max_response_chars >= 1, margin >= 0")
-        if self.batch_size < 1 or self.grad_accum < 1 or self.max_steps < 1:
-            raise ConfigError("reward.batch_size, reward.grad_accum and reward.max_steps must be >= 1")
-        if not 0 <= self.min_lr <= self.lr or not 0 <= self.warmup_steps <= self.max_steps:
-            raise ConfigError("reward needs 0 <= min_lr <= lr and 0 <= warmup_steps <= max_steps")
-        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1) or self.weight_decay < 0 or self.grad_clip < 0:
-            raise ConfigError("reward.beta1/beta2 must be in [0, 1); weight_decay and grad_clip >= 0")
-        if min(self.eval_every, self.eval_pairs, self.norm_responses, self.save_every, self.keep_last,
-               self.threads) < 0:
-            raise ConfigError("reward.eval_every, eval_pairs, norm_responses, save_every, keep_last and threads "
-                              "must be >= 0")
-        if self.log_every < 1 or self.calibration_buckets < 1 or not 0 <= self.min_accuracy <= 1:
-            raise ConfigError("reward.log_every and calibration_buckets must be >= 1, min_accuracy in [0, 1]")
+        if self.batch_size < 1 or self.max_steps < 1:
+            raise ConfigError("reward.batch_size and reward.max_steps must be >= 1")
+        check_training(self, "reward")
+        if min(self.eval_every, self.eval_pairs, self.norm_responses) < 0:
+            raise ConfigError("reward.eval_every, eval_pairs and norm_responses must be >= 0")
+        if self.calibration_buckets < 1 or not 0 <= self.min_accuracy <= 1:
+            raise ConfigError("reward.calibration_buckets must be >= 1 and min_accuracy in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -470,22 +492,20 @@ class PpoConfig:
     value_clip: float = knob(0.2, "Clip of the value update around the rollout's values.")
     vf_coef: float = knob(0.1, "Weight of the value loss.")
     entropy_coef: float = knob(0.0, "Weight of the entropy bonus (0: none).")
-    lr: float = knob(1e-5, "Peak learning rate.")
-    min_lr: float = knob(1e-5, "Learning rate at the end of the cosine decay (equal to lr: constant).")
-    warmup_steps: int = knob(0, "Optimizer steps of linear learning-rate warmup.")
-    weight_decay: float = knob(0.0, "AdamW weight decay, applied to matrices only.")
-    beta1: float = knob(0.9, "AdamW beta1.")
-    beta2: float = knob(0.95, "AdamW beta2.")
-    grad_clip: float = knob(1.0, "Clip the global gradient norm to this (0: no clipping).")
+    lr: float = training_knob("lr", 1e-5)
+    min_lr: float = training_knob("min_lr", 1e-5)
+    warmup_steps: int = training_knob("warmup_steps", 0)
+    weight_decay: float = training_knob("weight_decay", 0.0)
+    beta1: float = training_knob("beta1", 0.9)
+    beta2: float = training_knob("beta2", 0.95)
+    grad_clip: float = training_knob("grad_clip", 1.0)
     heldout_prompts: int = knob(128, "Test prompts answered greedily by the SFT and the PPO model, then scored.")
     sample_rows: int = knob(16, "Held-out prompts in the logged table of both models' answers.")
     save_every: int = knob(25, "Write a checkpoint every this many iterations (and always at the end).")
-    keep_last: int = knob(2, "Checkpoints kept on disk (older ones are deleted).")
+    keep_last: int = training_knob("keep_last", 2)
     log_every: int = knob(1, "Print the progress line every this many iterations.")
-    device: Literal["auto", "cpu", "cuda"] = knob("auto", "Training device; auto picks CUDA when available.")
-    dtype: Literal["auto", "float32", "bfloat16"] = knob(
-        "auto", "Autocast precision; auto is bf16 on GPUs with it, else float32."
-    )
+    device: Literal["auto", "cpu", "cuda"] = training_knob("device", "auto")
+    dtype: Literal["auto", "float32", "bfloat16"] = training_knob("dtype", "auto")
     loss_chunk: int = knob(
         1024,
         "Response tokens per chunk of the fused LM head that makes the log-probs and entropies (rollouts and "
@@ -494,14 +514,14 @@ class PpoConfig:
     )
     compile: bool = knob(False, "Compile the actor-critic with torch.compile (updates only).")
     seed: int = knob(1337, "Seed of the prompt order, the rollouts and the minibatch order.")
-    deterministic: bool = knob(True, "Ask PyTorch for deterministic kernels (exact resume on CPU).")
-    threads: int = knob(0, "CPU threads for PyTorch (0: leave PyTorch's default).")
+    deterministic: bool = training_knob("deterministic", True)
+    threads: int = training_knob("threads", 0)
 
     def __post_init__(self) -> None:
         if min(self.iterations, self.batch_size, self.mini_batch_size, self.micro_batch_size, self.ppo_epochs,
-               self.max_new_tokens, self.log_every) < 1:
-            raise ConfigError("ppo.iterations, batch_size, mini_batch_size, micro_batch_size, ppo_epochs, "
-                              "max_new_tokens and log_every must be >= 1")
+               self.max_new_tokens) < 1:
+            raise ConfigError("ppo.iterations, batch_size, mini_batch_size, micro_batch_size, ppo_epochs and "
+                              "max_new_tokens must be >= 1")
         if self.mini_batch_size > self.batch_size or self.micro_batch_size > self.mini_batch_size:
             raise ConfigError("ppo needs micro_batch_size <= mini_batch_size <= batch_size")
         if self.temperature <= 0 or self.top_k < 0:
@@ -510,16 +530,11 @@ class PpoConfig:
             raise ConfigError("ppo: init_kl_coef >= 0, target_kl >= 0, kl_horizon > 0 and kl_k_beta >= 0")
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1) or self.clip_range <= 0 or self.value_clip <= 0:
             raise ConfigError("ppo: gamma and lam in [0, 1], clip_range > 0 and value_clip > 0")
-        if min(self.vf_coef, self.entropy_coef, self.score_clip, self.weight_decay, self.grad_clip) < 0:
-            raise ConfigError("ppo: vf_coef, entropy_coef, score_clip, weight_decay and grad_clip must be >= 0")
-        if not 0 <= self.min_lr <= self.lr or self.warmup_steps < 0:
-            raise ConfigError("ppo needs 0 <= min_lr <= lr and warmup_steps >= 0")
-        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise ConfigError("ppo.beta1 and ppo.beta2 must be in [0, 1)")
-        if min(self.heldout_prompts, self.sample_rows, self.save_every, self.keep_last, self.threads,
-               self.loss_chunk) < 0:
-            raise ConfigError("ppo.heldout_prompts, sample_rows, save_every, keep_last, threads and loss_chunk "
-                              "must be >= 0")
+        if min(self.vf_coef, self.entropy_coef, self.score_clip) < 0:
+            raise ConfigError("ppo: vf_coef, entropy_coef and score_clip must be >= 0")
+        check_training(self, "ppo")
+        if min(self.heldout_prompts, self.sample_rows, self.loss_chunk) < 0:
+            raise ConfigError("ppo.heldout_prompts, sample_rows and loss_chunk must be >= 0")
 
 
 @dataclass(frozen=True)

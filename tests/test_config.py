@@ -11,8 +11,13 @@ import pytest
 import yaml
 
 from lmpipe.config import (
+    TRAINING_KNOBS,
     ConfigError,
     PipelineConfig,
+    PpoConfig,
+    PretrainConfig,
+    RewardConfig,
+    SftConfig,
     flatten,
     from_dict,
     load_config,
@@ -60,6 +65,12 @@ def test_unknown_key_lists_valid_keys():
         ("ingest.unit=sentence", r"ingest\.unit: 'sentence' is not one of 'line', 'paragraph'"),
         ("ingest.sources=a.txt", r"ingest\.sources: expected a list"),
         ("ingest.val_fraction=0.97", r"val_fraction \+ ingest\.test_fraction must be below 1"),
+        ("sft.min_lr=0.5", r"sft needs 0 <= min_lr <= lr"),
+        ("pretrain.warmup_steps=301", r"pretrain\.warmup_steps must be <= pretrain\.max_steps"),
+        ("reward.beta2=1.0", r"reward\.beta1/beta2 must be in \[0, 1\)"),
+        ("ppo.keep_last=-1", r"ppo\.keep_last must be >= 0"),
+        ("sft.grad_accum=0", r"sft\.grad_accum must be >= 1"),
+        ("pretrain.log_every=0", r"pretrain\.log_every must be >= 1"),
     ],
 )
 def test_wrong_values_are_errors_that_name_the_key(override, message):
@@ -103,6 +114,20 @@ def test_every_knob_has_a_default_and_a_description():
         assert f.default is not dataclasses.MISSING, f"{cls.__name__}.{f.name} has no default"
         assert f.metadata.get("doc", "").strip(), f"{cls.__name__}.{f.name} has no description"
     assert to_dict(PipelineConfig())  # the defaults form a valid config on their own
+
+
+def test_training_knobs_are_described_once_and_checked_alike():
+    sections = [PretrainConfig, SftConfig, RewardConfig, PpoConfig]
+    for cls in sections:
+        shared = {f.name: f for f in dataclasses.fields(cls) if "training" in f.metadata}
+        assert all(f.metadata["training"] == name for name, f in shared.items()), cls.__name__  # no copied names
+        # every shared knob the section has is declared through the one description
+        assert set(shared) == set(TRAINING_KNOBS) & {f.name for f in dataclasses.fields(cls)}, cls.__name__
+    for name in ("beta1", "keep_last", "threads"):
+        bad = -1 if name != "beta1" else 1.5
+        for cls in sections:
+            with pytest.raises(ConfigError, match=rf"\b{name}\b"):
+                cls(**{name: bad})
 
 
 def test_readme_reference_matches_the_code():
