@@ -42,7 +42,7 @@ from lmpipe import sources
 from lmpipe.chat import ROLES, Message, check_turns, conversation
 from lmpipe.config import IngestConfig
 from lmpipe.corpus import split_of, text_hash
-from lmpipe.records import FileReport, RecordTable
+from lmpipe.records import FileReport, RecordTable, context_columns, history_messages
 from lmpipe.sources import Source
 from lmpipe.workspace import Workspace
 
@@ -50,13 +50,6 @@ BUILTIN_SOURCE = "builtin:python-stdlib-instructions"
 SPLITS = ("train", "val", "test")
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS instruction_sources (
-    uri         VARCHAR NOT NULL,
-    sha256      VARCHAR NOT NULL UNIQUE,
-    records     BIGINT NOT NULL,      -- records read
-    kept        BIGINT NOT NULL,      -- rows written (exact duplicates dropped)
-    ingested_at TIMESTAMPTZ NOT NULL
-);
 CREATE TABLE IF NOT EXISTS instructions (
     source   VARCHAR NOT NULL,        -- file URI, or the built-in set's name
     line     INTEGER NOT NULL,        -- line (JSONL) or row (Parquet) of the record; object index (built-in)
@@ -183,13 +176,8 @@ def _record_split(record: Record, cfg: IngestConfig) -> str:
 
 def _rows_table(source: str, records: Sequence[Record], cfg: IngestConfig, objects: Sequence[str | None] = ()
                 ) -> pa.Table:
-    history = [json.dumps([{"role": m.role, "content": m.content} for m in r.history], ensure_ascii=False)
-               if r.history else None for r in records]
     return pa.table({
-        "source": pa.array([source] * len(records), pa.string()),
-        "line": pa.array([r.line for r in records], pa.int32()),
-        "system": pa.array([r.system for r in records], pa.string()),
-        "history": pa.array(history, pa.string()),
+        **context_columns(source, records),
         "prompt": pa.array([r.prompt for r in records], pa.string()),
         "response": pa.array([r.response for r in records], pa.string()),
         "split": pa.array([_record_split(r, cfg) for r in records], pa.string()),
@@ -284,24 +272,13 @@ class Instruction:
 
 def load_instructions(ws: Workspace, split: str, builtin: bool = True) -> list[Instruction]:
     """The rows of ``split`` in a stable order (by conversation hash); without the built-in set if asked."""
-    where, params = TABLE.where(builtin)
-    with connect(ws, read_only=True) as con:
-        if not TABLE.exists(con):
-            return []
-        rows = con.execute(f"""SELECT prompt, response, source, split, system, history, object FROM instructions
-                               WHERE split = ? AND {where} ORDER BY hash""", [split, *params]).fetchall()
-    out = []
-    for prompt, response, source, split_, system, history, obj in rows:
-        turns = tuple(Message(t["role"], t["content"]) for t in json.loads(history)) if history else ()
-        out.append(Instruction(prompt, response, source, split_, system, turns, obj))
-    return out
+    rows = TABLE.fetch(ws, """SELECT prompt, response, source, split, system, history, object FROM instructions
+                              WHERE split = ? AND {where} ORDER BY hash""", [split], builtin)
+    return [Instruction(prompt, response, source, split_, system, history_messages(history), obj)
+            for prompt, response, source, split_, system, history, obj in rows]
 
 
 def counts(ws: Workspace, builtin: bool = True) -> dict[str, int]:
     """Rows per split."""
-    where, params = TABLE.where(builtin)
-    with connect(ws, read_only=True) as con:
-        if not TABLE.exists(con):
-            return {}
-        rows = con.execute(f"SELECT split, count(*) FROM instructions WHERE {where} GROUP BY split", params).fetchall()
+    rows = TABLE.fetch(ws, "SELECT split, count(*) FROM instructions WHERE {where} GROUP BY split", builtin=builtin)
     return {s: int(n) for s, n in rows}

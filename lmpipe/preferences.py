@@ -55,7 +55,7 @@ from lmpipe.chat import ROLES, Message, check_turns
 from lmpipe.config import IngestConfig
 from lmpipe.corpus import split_of, text_hash
 from lmpipe.instructions import phrasings, summary
-from lmpipe.records import FileReport, RecordTable
+from lmpipe.records import FileReport, RecordTable, context_columns, history_messages
 from lmpipe.sources import Source
 from lmpipe.workspace import Workspace
 
@@ -69,13 +69,6 @@ FAMILIES = {"hard_negative": "corrupted", "truncated": "corrupted", "shuffled": 
             "file": "file"}
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS preference_sources (
-    uri         VARCHAR NOT NULL,
-    sha256      VARCHAR NOT NULL UNIQUE,
-    records     BIGINT NOT NULL,      -- records read
-    kept        BIGINT NOT NULL,      -- rows written (exact duplicates dropped)
-    ingested_at TIMESTAMPTZ NOT NULL
-);
 CREATE TABLE IF NOT EXISTS preferences (
     source    VARCHAR NOT NULL,       -- file URI, or the built-in set's name
     line      INTEGER NOT NULL,       -- line (JSONL) or row (Parquet) of the record; object index (built-in)
@@ -239,13 +232,8 @@ def read_pairs(source: Source) -> list[Pair]:
 
 
 def _rows_table(source: str, pairs: Sequence[Pair], cfg: IngestConfig) -> pa.Table:
-    history = [json.dumps([{"role": m.role, "content": m.content} for m in p.history], ensure_ascii=False)
-               if p.history else None for p in pairs]
     return pa.table({
-        "source": pa.array([source] * len(pairs), pa.string()),
-        "line": pa.array([p.line for p in pairs], pa.int32()),
-        "system": pa.array([p.system for p in pairs], pa.string()),
-        "history": pa.array(history, pa.string()),
+        **context_columns(source, pairs),
         "prompt": pa.array([p.prompt for p in pairs], pa.string()),
         "chosen": pa.array([p.chosen for p in pairs], pa.string()),
         "rejected": pa.array([p.rejected for p in pairs], pa.string()),
@@ -427,28 +415,16 @@ def choose_ranked_objects(objects: Sequence[StdlibObject], count: int, seed: int
 
 def load_pairs(ws: Workspace, split: str, builtin: bool = True) -> list[Pair]:
     """The pairs of ``split`` in a stable order (by group, then pair hash); without the built-in pairs if asked."""
-    where, params = TABLE.where(builtin)
-    with connect(ws, read_only=True) as con:
-        if not TABLE.exists(con):
-            return []
-        rows = con.execute(
-            f"""SELECT prompt, chosen, rejected, pair_type, group_id, split, system, history, line, object
-                FROM preferences WHERE split = ? AND {where} ORDER BY group_id, hash""", [split, *params]).fetchall()
-    out = []
-    for prompt, chosen, rejected, pair_type, group, split_, system, history, line, obj in rows:
-        turns = tuple(Message(t["role"], t["content"]) for t in json.loads(history)) if history else ()
-        out.append(Pair(prompt, chosen, rejected, pair_type, group, split_, system, turns, line, obj))
-    return out
+    rows = TABLE.fetch(ws, """SELECT prompt, chosen, rejected, pair_type, group_id, split, system, history, line, object
+                              FROM preferences WHERE split = ? AND {where} ORDER BY group_id, hash""", [split], builtin)
+    return [Pair(prompt, chosen, rejected, pair_type, group, split_, system, history_messages(history), line, obj)
+            for prompt, chosen, rejected, pair_type, group, split_, system, history, line, obj in rows]
 
 
 def counts(ws: Workspace, builtin: bool = True) -> dict[str, int]:
     """Rows per split and per (split, pair type), as ``{"train": n, "train_ranked": m, ...}``."""
-    where, params = TABLE.where(builtin)
-    with connect(ws, read_only=True) as con:
-        if not TABLE.exists(con):
-            return {}
-        rows = con.execute(f"SELECT split, pair_type, count(*) FROM preferences WHERE {where} GROUP BY ALL",
-                           params).fetchall()
+    rows = TABLE.fetch(ws, "SELECT split, pair_type, count(*) FROM preferences WHERE {where} GROUP BY ALL",
+                       builtin=builtin)
     out: dict[str, int] = defaultdict(int)
     for split, pair_type, n in rows:
         out[split] += int(n)

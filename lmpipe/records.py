@@ -11,6 +11,7 @@ one transaction too.
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ import duckdb
 import pyarrow as pa
 
 from lmpipe import warehouse
+from lmpipe.chat import Message
 from lmpipe.sources import Source, resolve_sources, source_digest
 from lmpipe.workspace import Workspace
 
@@ -43,7 +45,7 @@ class RecordTable:
     name: str  # the rows, e.g. "instructions"
     sources: str  # one row per ingested file: uri, sha256, records, kept, ingested_at
     columns: str  # the rows' columns in insertion order
-    schema: str  # CREATE TABLE IF NOT EXISTS statements for both tables
+    schema: str  # CREATE TABLE IF NOT EXISTS statement of the rows table
     builtin: tuple[str, ...]  # the ``source`` values of the sets the pipeline derives itself
 
     @contextlib.contextmanager
@@ -52,6 +54,13 @@ class RecordTable:
         with warehouse.connect(ws, read_only=read_only) as con:
             if not read_only:
                 con.execute(self.schema)
+                con.execute(f"""CREATE TABLE IF NOT EXISTS {self.sources} (
+                                    uri         VARCHAR NOT NULL,
+                                    sha256      VARCHAR NOT NULL UNIQUE,
+                                    records     BIGINT NOT NULL,  -- records read
+                                    kept        BIGINT NOT NULL,  -- rows written (exact duplicates dropped)
+                                    ingested_at TIMESTAMPTZ NOT NULL
+                                )""")
             yield con
 
     def exists(self, con: duckdb.DuckDBPyConnection) -> bool:
@@ -63,6 +72,18 @@ class RecordTable:
         """A SQL condition and its parameters: rows not from ``exclude``, nor from the built-in sets unless asked."""
         excluded = [*exclude, *([] if builtin else self.builtin)]
         return (f"source NOT IN ({', '.join('?' * len(excluded))})", excluded) if excluded else ("true", [])
+
+    def fetch(self, ws: Workspace, sql: str, params: Sequence[Any] = (), builtin: bool = True,
+              exclude: Sequence[str] = ()) -> list[tuple]:
+        """The rows of the read-only query ``sql``, whose ``{where}`` (after its own ``?`` parameters) is filled in
+        by :meth:`where`; none before the table exists."""
+        if not ws.warehouse.exists():
+            return []
+        where, excluded = self.where(builtin, exclude)
+        with self.connect(ws, read_only=True) as con:
+            if not self.exists(con):
+                return []
+            return con.execute(sql.format(where=where), [*params, *excluded]).fetchall()
 
     def insert_new(self, con: duckdb.DuckDBPyConnection, rows: pa.Table) -> int:
         """Insert the ``rows`` whose ``hash`` is new to the table (first of repeats, in order); return how many."""
@@ -120,14 +141,9 @@ class RecordTable:
 
     def fingerprint(self, ws: Workspace, builtin: bool = True, exclude: Sequence[str] = ()) -> str:
         """md5 over the sorted (hash, split) pairs of the rows (minus sources in ``exclude``): changes iff they do."""
-        if not ws.warehouse.exists():
-            return "0-"
-        where, params = self.where(builtin, exclude)
-        with self.connect(ws, read_only=True) as con:
-            if not self.exists(con):
-                return "0-"
-            digest = "coalesce(md5(string_agg(hash || split, ',' ORDER BY hash, split)), '')"
-            row = con.execute(f"SELECT count(*), {digest} FROM {self.name} WHERE {where}", params).fetchall()[0]
+        digest = "coalesce(md5(string_agg(hash || split, ',' ORDER BY hash, split)), '')"
+        rows = self.fetch(ws, f"SELECT count(*), {digest} FROM {self.name} WHERE {{where}}", (), builtin, exclude)
+        row = rows[0] if rows else (0, "")
         return f"{row[0]}-{row[1][:16]}"
 
     def external_inputs(self, ws: Workspace, paths: Sequence[str]) -> dict[str, Any]:
@@ -135,6 +151,24 @@ class RecordTable:
         changes the key, and the fingerprint of the rows ingested from elsewhere (``lmpipe ingest``)."""
         files = file_stats(paths)
         return {"files": files, "other_rows": self.fingerprint(ws, builtin=False, exclude=[f[0] for f in files])}
+
+
+def context_columns(source: str, rows: Sequence[Any]) -> dict[str, pa.Array]:
+    """The columns every kind of record has: its ``source``, ``line``, ``system`` message and earlier turns
+    (``history``, JSON), from rows with ``line``, ``system`` and ``history`` (a tuple of chat messages)."""
+    history = [json.dumps([{"role": m.role, "content": m.content} for m in r.history], ensure_ascii=False)
+               if r.history else None for r in rows]
+    return {
+        "source": pa.array([source] * len(rows), pa.string()),
+        "line": pa.array([r.line for r in rows], pa.int32()),
+        "system": pa.array([r.system for r in rows], pa.string()),
+        "history": pa.array(history, pa.string()),
+    }
+
+
+def history_messages(history: str | None) -> tuple[Message, ...]:
+    """The earlier turns of a row, from its ``history`` column (see :func:`context_columns`)."""
+    return tuple(Message(t["role"], t["content"]) for t in json.loads(history)) if history else ()
 
 
 def file_stats(paths: Sequence[str]) -> list[list[Any]]:
