@@ -1,7 +1,8 @@
 """The pipeline's stages and their dependencies (pure data: no orchestration here).
 
-Each :class:`~lmpipe.stage.Stage` names its config section, the stages it reads from, and the modules
-whose source code is part of its cache key. ``flows/pipeline.py`` runs them in this order.
+Each :class:`~lmpipe.stage.Stage` names its config section and the stages it reads from; the source of
+the modules its ``run`` imports is part of its cache key (:func:`lmpipe.stage.code_modules`).
+``flows/pipeline.py`` runs them in this order.
 """
 
 from __future__ import annotations
@@ -14,9 +15,6 @@ INGEST = Stage(
     section="ingest",
     deps=(),
     run=corpus.run_stage,
-    code=(
-        "lmpipe.corpus", "lmpipe.sources", "lmpipe.clean", "lmpipe.minhash", "lmpipe.stdlib_docs", "lmpipe.warehouse",
-    ),
     headline=("documents_added", "documents_train", "documents_val", "documents_test", "mb_per_s"),
     external=corpus.external_inputs,
     valid=corpus.still_valid,
@@ -27,7 +25,6 @@ NGRAM = Stage(
     section="ngram",
     deps=("ingest",),
     run=ngram.run_stage,
-    code=("lmpipe.ngram", "lmpipe.ngram_count", "lmpipe.arpa", "lmpipe.wordtok", "lmpipe.scoring", "lmpipe.warehouse"),
     headline=("best_val_perplexity", "best_val_bits_per_byte", "oov_rate_val", "vocab_size", "train_tokens"),
 )
 
@@ -36,8 +33,6 @@ EMBEDDINGS = Stage(
     section="embeddings",
     deps=("ngram",),
     run=embeddings.run_stage,
-    code=("lmpipe.embeddings", "lmpipe.nnlm", "lmpipe.rnnlm", "lmpipe.word2vec", "lmpipe.vectors", "lmpipe.wordtok",
-          "lmpipe.ngram", "lmpipe.scoring"),
     headline=("nnlm_val_perplexity", "nnlm_val_bits_per_byte", "rnnlm_val_perplexity", "rnnlm_val_bits_per_byte",
               "w2v_sg-ns_words_per_s"),
 )
@@ -47,7 +42,6 @@ TOKENIZER = Stage(
     section="tokenizer",
     deps=("ingest",),
     run=shards.run_stage,
-    code=("lmpipe.bpe", "lmpipe.shards", "lmpipe.warehouse"),
     headline=("vocab_size", "tokens_train", "val_bytes_per_token", "encode_mb_per_s"),
     valid=shards.still_valid,
 )
@@ -57,7 +51,6 @@ PRETRAIN = Stage(
     section="pretrain",
     deps=("tokenizer",),
     run=pretrain.run_stage,
-    code=("lmpipe.pretrain", "lmpipe.gpt", "lmpipe.trainer", "lmpipe.checkpoint", "lmpipe.hf_export", "lmpipe.shards"),
     headline=("val_loss", "val_bpb", "test_bpb", "params"),
 )
 
@@ -66,8 +59,6 @@ SFT = Stage(
     section="sft",
     deps=("ingest", "tokenizer", "pretrain"),
     run=sft.run_stage,
-    code=("lmpipe.sft", "lmpipe.instructions", "lmpipe.chat", "lmpipe.grounded", "lmpipe.gpt", "lmpipe.trainer",
-          "lmpipe.checkpoint", "lmpipe.pretrain"),
     headline=("val_response_loss", "heldout_token_f1", "heldout_token_f1_gain", "heldout_rouge_l", "test_bpb"),
     external=sft.external_inputs,
 )
@@ -77,8 +68,6 @@ REWARD = Stage(
     section="reward",
     deps=("ingest", "sft"),
     run=reward.run_stage,
-    code=("lmpipe.reward", "lmpipe.preferences", "lmpipe.chat", "lmpipe.grounded", "lmpipe.gpt", "lmpipe.trainer",
-          "lmpipe.checkpoint", "lmpipe.instructions", "lmpipe.sft", "lmpipe.pretrain"),
     headline=("heldout_accuracy", "longer_accuracy", "bag_of_words_accuracy", "reward_mean", "reward_std"),
     external=reward.external_inputs,
 )
@@ -88,8 +77,6 @@ PPO = Stage(
     section="ppo",
     deps=("ingest", "sft", "reward"),
     run=ppo.run_stage,
-    code=("lmpipe.ppo", "lmpipe.rl", "lmpipe.reward", "lmpipe.chat", "lmpipe.grounded", "lmpipe.gpt", "lmpipe.trainer",
-          "lmpipe.checkpoint", "lmpipe.instructions", "lmpipe.sft"),
     headline=("heldout_reward", "heldout_reward_gain", "heldout_token_f1_gain", "final_kl", "target_kl"),
     external=ppo.external_inputs,
 )
@@ -99,8 +86,6 @@ REPORT = Stage(
     section="report",
     deps=("ingest", "ngram", "embeddings", "tokenizer", "pretrain", "sft", "reward", "ppo"),
     run=report.run_stage,
-    code=("lmpipe.report", "lmpipe.report_html", "lmpipe.scoring", "lmpipe.pretrain", "lmpipe.ngram", "lmpipe.nnlm",
-          "lmpipe.rnnlm", "lmpipe.sft", "lmpipe.chat", "lmpipe.gpt", "lmpipe.contamination"),
     headline=report.HEADLINE,
 )
 

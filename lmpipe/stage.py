@@ -5,17 +5,21 @@ the stages it depends on from the :class:`StageContext`, reports metrics through
 files under ``ctx.out_dir``. The orchestration layer wraps it in a Prefect task and an MLflow run.
 
 A stage's cache key hashes (stage name, its config section, the fingerprints of its inputs, the source
-of the modules that implement it, and any external input it declares). The key decides whether a
-cached result can be reused; the result's own ``fingerprint`` describes the data it produced, so a
-stage that reruns and produces identical data leaves its dependants cached.
+of the modules that implement it, and any external input it declares). The modules are found, not listed:
+every module of the package that the stage's own module imports, directly or through others, at the top
+or inside a function (:func:`code_modules`), less the few that cannot change a result (:data:`NOT_RESULTS`).
+The key decides whether a cached result can be reused; the result's own ``fingerprint`` describes the data
+it produced, so a stage that reruns and produces identical data leaves its dependants cached.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib.util
 import json
-from collections.abc import Callable, Mapping
+import sys
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -123,16 +127,17 @@ class Stage:
     """One step of the pipeline.
 
     ``section`` names the config section; ``deps`` the upstream stages whose results it reads; ``code``
-    the modules whose source is part of the cache key; ``external`` an optional function returning a
-    JSON-able description of inputs outside the workspace (e.g. source files' sizes and times);
-    ``valid`` an optional check that a cached result still matches the workspace (outputs not deleted).
+    modules whose source is part of the cache key besides those the module of ``run`` imports; ``external``
+    an optional function returning a JSON-able description of inputs outside the workspace (e.g. source
+    files' sizes and times); ``valid`` an optional check that a cached result still matches the workspace
+    (outputs not deleted).
     """
 
     name: str
     section: str
     deps: tuple[str, ...]
     run: Callable[[StageContext], StageOutput]
-    code: tuple[str, ...]
+    code: tuple[str, ...] = ()
     headline: tuple[str, ...] = ()
     external: Callable[[Workspace, PipelineConfig], Any] | None = None
     valid: Callable[[Workspace, StageResult], bool] | None = None
@@ -142,7 +147,7 @@ class Stage:
             "stage": self.name,
             "config": json.loads(fingerprint_data(getattr(cfg, self.section))),
             "inputs": {d: inputs[d].fingerprint for d in self.deps},
-            "code": code_version(self.code),
+            "code": code_version((self.run.__module__, *self.code)),
             "external": self.external(ws, cfg) if self.external else None,
         }
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
@@ -154,13 +159,79 @@ class Stage:
         return self.valid(ws, result) if self.valid else True
 
 
-def code_version(modules: tuple[str, ...]) -> str:
-    """Hash of the package version and the source files of ``modules``."""
+# Modules whose source cannot change what a stage produces: configuration values are keyed by value, and
+# these only route, record or draw. Editing one reruns no stage (``lmpipe run --refresh`` redraws plots).
+NOT_RESULTS = frozenset({
+    "lmpipe.cli", "lmpipe.config", "lmpipe.launch", "lmpipe.pipeline", "lmpipe.plots", "lmpipe.stage",
+    "lmpipe.state", "lmpipe.tracking", "lmpipe.workspace",
+})
+
+
+def _module_file(name: str) -> Path:
+    try:
+        origin = getattr(importlib.util.find_spec(name), "origin", None)
+    except ValueError:  # a module without a spec, e.g. a script run as __main__
+        origin = getattr(sys.modules.get(name), "__file__", None)
+    if origin is None:
+        raise ImportError(f"stage code module {name} not found")
+    return Path(origin)
+
+
+_IMPORTS: dict[tuple[str, str, int, int], frozenset[str]] = {}  # by module, file, mtime and size
+
+
+def _imports_of(name: str) -> frozenset[str]:
+    """:func:`_imported` of module ``name``, read again only when its file changes."""
+    path = _module_file(name)
+    st = path.stat()
+    key = (name, str(path), st.st_mtime_ns, st.st_size)
+    if key not in _IMPORTS:
+        _IMPORTS[key] = frozenset(_imported(name, path.read_text(encoding="utf-8")))
+    return _IMPORTS[key]
+
+
+def _imported(name: str, source: str) -> set[str]:
+    """The modules of ``name``'s package that ``source`` (the module ``name``) imports, anywhere in it."""
+    package = name.split(".")[0]
+    here = name if _module_file(name).name == "__init__.py" else name.rsplit(".", 1)[0]
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from the package that holds this module, up level - 1 packages
+                parent = here.rsplit(".", node.level - 1)[0] if node.level > 1 else here
+                base = f"{parent}.{base}" if base else parent
+            out.add(base)
+            out.update(f"{base}.{a.name}" for a in node.names)  # "from pkg import module"
+    return {m for m in out if m.split(".")[0] == package and m != package and _is_module(m)}
+
+
+def _is_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a name imported from a module, not a submodule of a package
+        return False
+
+
+def code_modules(roots: Iterable[str], leave_out: frozenset[str] = NOT_RESULTS) -> list[str]:
+    """``roots`` and every module of their package they import, directly or not, less ``leave_out``, sorted."""
+    seen: set[str] = set()
+    todo = [r for r in roots if r not in leave_out]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        todo += sorted(_imports_of(name) - leave_out - seen)
+    return sorted(seen)
+
+
+def code_version(roots: Iterable[str], leave_out: frozenset[str] = NOT_RESULTS) -> str:
+    """Hash of the package version and the source files of :func:`code_modules` of ``roots``."""
     h = hashlib.sha256(__version__.encode())
-    for name in sorted(modules):
-        spec = importlib.util.find_spec(name)
-        if spec is None or spec.origin is None:
-            raise ImportError(f"stage code module {name} not found")
+    for name in code_modules(roots, leave_out):
         h.update(name.encode())
-        h.update(Path(spec.origin).read_bytes())
+        h.update(_module_file(name).read_bytes())
     return h.hexdigest()[:16]
