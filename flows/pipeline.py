@@ -33,14 +33,6 @@ class StageUnavailable(RuntimeError):
     """A selected stage needs the result of a stage that was not selected and never ran."""
 
 
-def _forced(force: Sequence[str]) -> set[str]:
-    out: set[str] = set()
-    for name in force:
-        stages.get_stage(name)
-        out |= {name} | stages.dependants(name)
-    return out
-
-
 def _log_config(parent: RunLogger, ws: Workspace, cfg: PipelineConfig) -> None:
     path = ws.state_dir / "last_config.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -55,7 +47,7 @@ def _execute(
     """Run (or reuse) one stage; return its result and whether it came from the cache."""
     logger = get_run_logger()
     inputs = {d: results[d] for d in stage.deps}
-    key = stage.cache_key(ws, cfg, inputs)
+    key, detail = stage.key(ws, cfg, inputs)
     previous = load_stage_state(ws, stage.name)
     cached = not refresh and previous and previous.result and previous.result.cache_key == key
     if cached and not stage.is_valid(ws, previous.result):
@@ -66,7 +58,7 @@ def _execute(
     )
     state = task(
         stage.name, key, str(ws.root), to_dict(cfg), {d: r.to_json() for d, r in inputs.items()}, parent.run_id,
-        return_state=True,
+        detail, return_state=True,
     )
     flow_run_id = str(runtime_flow_run.id) if runtime_flow_run.id else None
     if state.is_failed() or state.is_crashed() or state.is_cancelled():
@@ -147,7 +139,7 @@ def pipeline_flow(
     ws = Workspace.resolve(workspace)
     cfg = from_dict(PipelineConfig, config)
     selected = stages.select(tuple(only), start, stop)
-    forced = _forced(force)
+    forced = stages.forced(tuple(force))
     t0 = time.time()
     with ws.lock(wait, purpose="pipeline run"):
         tracker = Tracker(ws, cfg.tracking.experiment, cfg.tracking.tracking_uri)

@@ -59,10 +59,14 @@ def main() -> None:
 @click.option("--force", multiple=True, metavar="STAGE", help="Rerun this stage and its dependants even if cached.")
 @click.option("--wait", type=float, default=0.0, show_default=True,
               help="Seconds to wait for another run on the same workspace before giving up.")
-def run(preset, config_files, overrides, workspace, only, start, stop, force, wait) -> None:
+@click.option("--dry-run", is_flag=True, help="Print which stages would run and why, and run nothing.")
+def run(preset, config_files, overrides, workspace, only, start, stop, force, wait, dry_run) -> None:
     """Run the pipeline (every stage, reusing cached ones)."""
     cfg = _load(preset, config_files, overrides)
     ws = Workspace.resolve(workspace)
+    if dry_run:
+        _print_plan(ws, cfg, only, start, stop, force)
+        return
     apply_runtime_environment(ws)
     from flows.pipeline import run_pipeline
 
@@ -78,6 +82,20 @@ def run(preset, config_files, overrides, workspace, only, start, stop, force, wa
     for name, status in statuses.items():
         click.echo(f"  {name:<12} {status:<10} {out[name].get('summary', '')}")
     click.echo(f"workspace: {ws.root}\nsee results: lmpipe ui --workspace {ws.root}")
+
+
+def _print_plan(ws: Workspace, cfg: PipelineConfig, only, start, stop, force) -> None:
+    from lmpipe.pipeline import plan
+
+    try:
+        steps = plan(ws, cfg, tuple(only), start, stop, tuple(force))
+    except (KeyError, ValueError) as exc:
+        raise click.ClickException(str(exc).strip("'\"")) from exc
+    click.echo(f"plan for workspace {ws.root} (nothing is run)")
+    for step in steps:
+        click.echo(f"  {step.stage:<12} {step.action:<8} {'; '.join(step.reasons)}".rstrip())
+    if any(step.action == "missing" for step in steps):
+        raise click.ClickException("a selected stage needs a stage that never ran")
 
 
 @main.command()

@@ -100,6 +100,7 @@ class StageResult:
     summary: str = ""
     run_id: str | None = None  # MLflow run that produced it
     finished_at: float | None = None
+    key_detail: dict[str, Any] | None = None  # what the cache key was made of (Stage.key), to say why it changed
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -143,14 +144,28 @@ class Stage:
     valid: Callable[[Workspace, StageResult], bool] | None = None
 
     def cache_key(self, ws: Workspace, cfg: PipelineConfig, inputs: Mapping[str, StageResult]) -> str:
+        return self.key(ws, cfg, inputs)[0]
+
+    def key(self, ws: Workspace, cfg: PipelineConfig, inputs: Mapping[str, StageResult]
+            ) -> tuple[str, dict[str, Any]]:
+        """The cache key and, readably, what it is made of: the section's values, the inputs' fingerprints,
+        a digest per code module and one of the external inputs (compared by :func:`key_changes`)."""
+        modules = code_modules((self.run.__module__, *self.code))
+        external = self.external(ws, cfg) if self.external else None
         parts = {
             "stage": self.name,
             "config": json.loads(fingerprint_data(getattr(cfg, self.section))),
             "inputs": {d: inputs[d].fingerprint for d in self.deps},
-            "code": code_version((self.run.__module__, *self.code)),
-            "external": self.external(ws, cfg) if self.external else None,
+            "code": code_version(modules),
+            "external": external,
         }
-        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+        detail = {
+            "config": parts["config"],
+            "inputs": parts["inputs"],
+            "code": {m: hashlib.sha256(_module_file(m).read_bytes()).hexdigest()[:16] for m in modules},
+            "external": hashlib.sha256(json.dumps(external, sort_keys=True).encode()).hexdigest()[:16],
+        }
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest(), detail
 
     def is_valid(self, ws: Workspace, result: StageResult) -> bool:
         """Outputs that a cached result names must still exist (and pass the stage's own check)."""
@@ -228,10 +243,32 @@ def code_modules(roots: Iterable[str], leave_out: frozenset[str] = NOT_RESULTS) 
     return sorted(seen)
 
 
+def key_changes(before: Mapping[str, Any], now: Mapping[str, Any], most: int = 3) -> list[str]:
+    """Why a cache key changed, from two :meth:`Stage.key` details: config values, inputs, modules, external."""
+    out = []
+    old_cfg, new_cfg = before.get("config", {}), now.get("config", {})
+    keys = [k for k in sorted(old_cfg.keys() | new_cfg.keys()) if old_cfg.get(k) != new_cfg.get(k)]
+    if keys:
+        shown = ", ".join(f"{k} {json.dumps(old_cfg.get(k))} -> {json.dumps(new_cfg.get(k))}" for k in keys[:most])
+        out.append(f"config: {shown}" + (f" and {len(keys) - most} more" if len(keys) > most else ""))
+    old_in, new_in = before.get("inputs", {}), now.get("inputs", {})
+    changed = [d for d in new_in if old_in.get(d) != new_in[d]]
+    if changed:
+        out.append(f"input: {', '.join(changed)} produced a different result")
+    old_code, new_code = before.get("code", {}), now.get("code", {})
+    modules = [m for m in sorted(old_code.keys() | new_code.keys()) if old_code.get(m) != new_code.get(m)]
+    if modules:
+        out.append(f"code: {', '.join(modules[:most])}" + (f" and {len(modules) - most} more" if len(modules) > most
+                                                           else "") + " changed")
+    if before.get("external") != now.get("external"):
+        out.append("external inputs changed (files, or rows ingested outside the pipeline)")
+    return out
+
+
 def code_version(roots: Iterable[str], leave_out: frozenset[str] = NOT_RESULTS) -> str:
     """Hash of the package version and the source files of :func:`code_modules` of ``roots``."""
     h = hashlib.sha256(__version__.encode())
-    for name in code_modules(roots, leave_out):
+    for name in code_modules(roots, leave_out):  # idempotent on its own result, as Stage.key passes it
         h.update(name.encode())
         h.update(_module_file(name).read_bytes())
     return h.hexdigest()[:16]

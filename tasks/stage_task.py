@@ -59,6 +59,7 @@ def run_stage_task(
     config: dict[str, Any],
     inputs: dict[str, dict[str, Any]],
     parent_run_id: str | None = None,
+    key_detail: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run ``stage`` in its own MLflow child run and return its :class:`StageResult` as JSON."""
     ws = Workspace(Path(workspace))
@@ -92,5 +93,5 @@ def run_stage_task(
     run.tags({"lmpipe.fingerprint": output.fingerprint})
     run.end("FINISHED")
     result = StageResult(stage, cache_key, output.fingerprint, output.outputs, metrics, output.summary,
-                         run.run_id, time.time())
+                         run.run_id, time.time(), key_detail)
     return result.to_json()

@@ -1,4 +1,4 @@
-"""The code part of a stage's cache key: the modules a stage imports, found rather than listed."""
+"""Stage cache keys: the modules a stage imports (found, not listed), why a key changed, and the run plan."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import sys
 import pytest
 
 from lmpipe import pipeline
-from lmpipe.stage import NOT_RESULTS, code_modules, code_version
+from lmpipe.config import load_config
+from lmpipe.pipeline import Step, plan
+from lmpipe.stage import NOT_RESULTS, code_modules, code_version, key_changes
 
 
 @pytest.fixture
@@ -56,3 +58,40 @@ def test_every_stage_is_keyed_on_the_modules_it_runs():
     assert {"lmpipe.rl", "lmpipe.reward", "lmpipe.preferences"} <= modules["ppo"]
     assert "lmpipe.gpt" not in modules["ngram"] and "lmpipe.ppo" not in modules["sft"]
     assert all(not (m & NOT_RESULTS) for m in modules.values())
+
+
+def test_key_changes_name_the_config_values_inputs_and_modules():
+    before = {"config": {"lr": 0.002, "max_steps": 300, "seed": 1}, "inputs": {"ngram": "a", "ingest": "x"},
+              "code": {"lmpipe.gpt": "1", "lmpipe.trainer": "2"}, "external": "e"}
+    assert key_changes(before, before) == []
+    now = {"config": {"lr": 0.001, "max_steps": 300, "seed": 1}, "inputs": {"ngram": "b", "ingest": "x"},
+           "code": {"lmpipe.gpt": "1", "lmpipe.trainer": "3", "lmpipe.rl": "4"}, "external": "f"}
+    assert key_changes(before, now) == [
+        "config: lr 0.002 -> 0.001",
+        "input: ngram produced a different result",
+        "code: lmpipe.rl, lmpipe.trainer changed",
+        "external inputs changed (files, or rows ingested outside the pipeline)",
+    ]
+    many = {**before, "config": {"lr": 1, "max_steps": 2, "seed": 3, "new": 4}}
+    assert key_changes(before, many)[0] == 'config: lr 0.002 -> 1, max_steps 300 -> 2, new null -> 4 and 1 more'
+
+
+def test_the_plan_says_what_a_run_would_do_and_why(micro_run):
+    ws, _, overrides = micro_run
+    cfg = load_config("tiny", (), overrides)
+    actions = {s.stage: (s.action, s.reasons) for s in plan(ws, cfg)}
+    assert {a for a, _ in actions.values()} == {"reuse"}  # just ran: everything is cached
+
+    changed_cfg = load_config("tiny", (), [*overrides, "ngram.add_k=0.5"])
+    changed = {s.stage: (s.action, s.reasons) for s in plan(ws, changed_cfg)}
+    assert changed["ingest"] == ("reuse", ()) and changed["tokenizer"] == ("reuse", ())
+    assert changed["ngram"] == ("run", ("config: add_k 1.0 -> 0.5",))
+    assert changed["embeddings"] == ("maybe", ("runs unless ngram reproduces its last result",))
+    assert changed["pretrain"] == ("reuse", ())  # does not read the n-gram models
+    assert changed["report"][0] == "maybe" and "ngram" in changed["report"][1][0]
+
+    forced = {s.stage: s.action for s in plan(ws, cfg, force=("sft",))}
+    assert forced["sft"] == "run" and forced["pretrain"] == "reuse"
+    assert forced["reward"] == forced["ppo"] == forced["report"] == "run"
+    only = {s.stage: s for s in plan(ws, cfg, only=("reward",))}
+    assert only["reward"].action == "reuse" and only["sft"] == Step("sft", "skip", ("its last result is used",))
