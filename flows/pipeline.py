@@ -13,6 +13,7 @@ section reruns that stage and what depends on it. ``force`` reruns a stage and i
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -72,6 +73,8 @@ def _execute(
         raise RuntimeError(error)
     result = StageResult.from_json(state.result())
     reused = state.name == "Cached"
+    if result.key_detail is None:  # a result stored before results kept it: the key matched, so the detail is ours
+        result = dataclasses.replace(result, key_detail=detail)
     if reused:
         child = tracker.start_run(stage.name, parent, {
             "lmpipe.stage": stage.name, "lmpipe.cache_key": key, "lmpipe.reused": "true",
