@@ -47,6 +47,9 @@ def test_first_run_records_parent_and_stage_runs(experiment, workspace, monkeypa
     assert "last_config.yaml" in {a.path for a in tracker.client.list_artifacts(parent.info.run_id)}
     state = load_stage_state(workspace, "ingest")
     assert state.status == "completed" and state.result.run_id == child.info.run_id
+    detail = state.result.key_detail  # what the key was made of, for `lmpipe run --dry-run` to compare
+    assert detail["config"]["min_chars"] == 16 and detail["inputs"] == {}
+    assert {"lmpipe.corpus", "lmpipe.clean", "lmpipe.minhash"} <= set(detail["code"])
 
 
 def test_second_run_reuses_and_force_reruns(experiment, workspace):
