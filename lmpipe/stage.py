@@ -175,7 +175,7 @@ class Stage:
 
 
 # Modules whose source cannot change what a stage produces: configuration values are keyed by value, and
-# these only route, record or draw. Editing one reruns no stage (``lmpipe run --refresh`` redraws plots).
+# these only route, record or draw. Editing one reruns no stage (``lmpipe run --force STAGE`` redraws its plots).
 NOT_RESULTS = frozenset({
     "lmpipe.cli", "lmpipe.config", "lmpipe.launch", "lmpipe.pipeline", "lmpipe.plots", "lmpipe.stage",
     "lmpipe.state", "lmpipe.tracking", "lmpipe.workspace",
