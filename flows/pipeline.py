@@ -23,7 +23,7 @@ from prefect.runtime import flow_run as runtime_flow_run
 
 from lmpipe import pipeline as stages
 from lmpipe.config import PipelineConfig, from_dict, load_config, save_config, to_dict
-from lmpipe.stage import Stage, StageResult
+from lmpipe.stage import Stage, StageResult, key_changes
 from lmpipe.state import append_history, load_stage_state, save_stage_state
 from lmpipe.tracking import RunLogger, Tracker, git_info, system_info
 from lmpipe.workspace import Workspace, apply_runtime_environment
@@ -51,15 +51,19 @@ def _execute(
     key, detail = stage.key(ws, cfg, inputs)
     previous = load_stage_state(ws, stage.name)
     cached = not refresh and previous and previous.result and previous.result.cache_key == key
+    why = ["forced"] if refresh else []
     if cached and not stage.is_valid(ws, previous.result):
         logger.info("%s: cached outputs no longer match the workspace; rerunning", stage.name)
-        refresh = True
+        refresh, why = True, ["outputs missing"]
+    elif not cached and previous and previous.result and previous.result.key_detail:
+        why = why or key_changes(previous.result.key_detail, detail)
+        logger.info("%s: cache key changed: %s", stage.name, "; ".join(why) or "stage version")
     task = run_stage_task.with_options(
         name=stage.name, task_run_name=stage.name, refresh_cache=refresh, result_storage=ws.results_dir
     )
     state = task(
         stage.name, key, str(ws.root), to_dict(cfg), {d: r.to_json() for d, r in inputs.items()}, parent.run_id,
-        detail, return_state=True,
+        detail, why, return_state=True,
     )
     flow_run_id = str(runtime_flow_run.id) if runtime_flow_run.id else None
     if state.is_failed() or state.is_crashed() or state.is_cancelled():

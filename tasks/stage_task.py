@@ -60,6 +60,7 @@ def run_stage_task(
     inputs: dict[str, dict[str, Any]],
     parent_run_id: str | None = None,
     key_detail: dict[str, Any] | None = None,
+    why: list[str] | None = None,
 ) -> dict[str, Any]:
     """Run ``stage`` in its own MLflow child run and return its :class:`StageResult` as JSON."""
     ws = Workspace(Path(workspace))
@@ -68,6 +69,8 @@ def run_stage_task(
     tracker = Tracker(ws, cfg.tracking.experiment, cfg.tracking.tracking_uri)
     parent = RunLogger(tracker.client, parent_run_id) if parent_run_id else None
     tags = {"lmpipe.stage": stage, "lmpipe.cache_key": cache_key, "lmpipe.reused": "false"}
+    if why:  # what changed since the stage's last result (see `lmpipe run --dry-run`)
+        tags["lmpipe.why"] = "; ".join(why)[:5000]
     tags |= {f"lmpipe.input.{name}": res["fingerprint"] for name, res in inputs.items()}
     if runtime_task_run.id:
         tags["prefect.task_run_id"] = str(runtime_task_run.id)

@@ -64,6 +64,8 @@ def test_second_run_reuses_and_force_reruns(experiment, workspace):
 
     forced = _run(workspace, experiment, force=("ingest",))
     assert forced["_statuses"] == {"ingest": "completed"}
+    client = _runs(workspace, experiment)[0].client
+    assert client.get_run(forced["ingest"]["run_id"]).data.tags["lmpipe.why"] == "forced"
     assert forced["ingest"]["run_id"] != first["ingest"]["run_id"]
     # nothing new arrived, so the data fingerprint (what downstream stages key on) is unchanged
     assert forced["ingest"]["fingerprint"] == first["ingest"]["fingerprint"]
@@ -75,6 +77,9 @@ def test_config_change_reruns_the_stage(experiment, workspace):
     changed = _run(workspace, experiment, ["ingest.min_chars=400"])
     assert changed["_statuses"] == {"ingest": "completed"}
     assert changed["ingest"]["cache_key"] != first["ingest"]["cache_key"]
+    tracker, _ = _runs(workspace, experiment)  # the stage's MLflow run says why it ran again
+    assert tracker.client.get_run(changed["ingest"]["run_id"]).data.tags["lmpipe.why"] == "config: min_chars 16 -> 400"
+    assert "lmpipe.why" not in tracker.client.get_run(first["ingest"]["run_id"]).data.tags  # first run: no reason
 
 
 def test_warehouse_changed_outside_the_pipeline_invalidates_the_cache(experiment, workspace, tmp_path):
