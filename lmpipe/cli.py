@@ -224,9 +224,14 @@ def status(workspace, as_json) -> None:
         label = {"completed": "fresh", "reused": "cached", "failed": "failed"}[st.status]
         res = st.result
         headline = {k: res.metrics[k] for k in stage.headline if res and k in res.metrics}
+        stale = []  # modules edited since the result (`lmpipe run --dry-run` also weighs config and inputs)
+        if res and res.key_detail:
+            then, now = res.key_detail["code"], stage.code_digests()
+            stale = [m for m in sorted(then.keys() | now.keys()) if then.get(m) != now.get(m)]
         rows.append({
             "stage": stage.name, "status": label, "at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st.at)),
             "mlflow_run": res.run_id if res else None, "metrics": headline, "error": st.error,
+            "code_changed": stale,
         })
     if as_json:
         click.echo(json.dumps({"workspace": str(ws.root), "stages": rows, "runs": load_history(ws)[-5:]}, indent=2))
@@ -237,6 +242,8 @@ def status(workspace, as_json) -> None:
         if "at" in r:
             line += f" {r['at']}  run {str(r['mlflow_run'])[:12]}"
             line += "".join(f"  {k}={v:.4g}" for k, v in r["metrics"].items())
+        if r.get("code_changed"):
+            line += f"\n    code changed since this result: {', '.join(r['code_changed'])}"
         if r.get("error"):
             line += f"\n    error: {r['error']}"
         click.echo(line)

@@ -162,10 +162,16 @@ class Stage:
         detail = {
             "config": parts["config"],
             "inputs": parts["inputs"],
-            "code": {m: hashlib.sha256(_module_file(m).read_bytes()).hexdigest()[:16] for m in modules},
+            "code": self.code_digests(modules),
             "external": hashlib.sha256(json.dumps(external, sort_keys=True).encode()).hexdigest()[:16],
         }
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest(), detail
+
+    def code_digests(self, modules: Iterable[str] | None = None) -> dict[str, str]:
+        """A short digest of each module the stage's key covers (``modules``: those of :func:`code_modules`)."""
+        if modules is None:
+            modules = code_modules((self.run.__module__, *self.code))
+        return {m: hashlib.sha256(_module_file(m).read_bytes()).hexdigest()[:16] for m in modules}
 
     def is_valid(self, ws: Workspace, result: StageResult) -> bool:
         """Outputs that a cached result names must still exist (and pass the stage's own check)."""

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import yaml
 from click.testing import CliRunner
 
 from lmpipe.cli import main
+from lmpipe.state import load_stage_state, save_stage_state
 
 SMALL = ["--set", "ingest.builtin_modules=[json, textwrap]"]
 
@@ -60,6 +62,19 @@ def test_run_then_status_shows_fresh_then_cached(workspace, experiment):
     second = _invoke("run", "--workspace", workspace.root, "--only", "ingest", *SMALL, *tracking)
     assert "ingest       reused" in second.output
     assert "cached" in _invoke("status", "--workspace", workspace.root).output
+
+    plan = _invoke("run", "--dry-run", "--workspace", workspace.root, "--only", "ingest", *SMALL, *tracking,
+                   "--set", "ingest.min_chars=20").output
+    assert "nothing is run" in plan and "ingest       run      config: min_chars 16 -> 20" in plan
+    assert "ngram        skip" in plan
+    # a result made by other code: status names the modules edited since
+    state = load_stage_state(workspace, "ingest")
+    detail = {**state.result.key_detail, "code": {**state.result.key_detail["code"], "lmpipe.clean": "0" * 16}}
+    save_stage_state(workspace, "ingest", state.status, replace(state.result, key_detail=detail), state.run_id,
+                     state.pipeline_run_id)
+    assert "code changed since this result: lmpipe.clean" in _invoke("status", "--workspace", workspace.root).output
+    status = json.loads(_invoke("status", "--workspace", workspace.root, "--json").output)
+    assert next(s for s in status["stages"] if s["stage"] == "ingest")["code_changed"] == ["lmpipe.clean"]
 
 
 def test_run_on_a_locked_workspace_refuses_with_a_clear_message(workspace):
