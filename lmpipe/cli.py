@@ -212,6 +212,7 @@ def schedule(preset, config_files, overrides, workspace, cron, interval, pool, n
 def status(workspace, as_json) -> None:
     """Show each stage's state: fresh, cached or failed, its last run and headline metrics."""
     from lmpipe import pipeline
+    from lmpipe.stage import changed
     from lmpipe.state import load_history, load_stage_state
 
     ws = Workspace.resolve(workspace)
@@ -224,10 +225,8 @@ def status(workspace, as_json) -> None:
         label = {"completed": "fresh", "reused": "cached", "failed": "failed"}[st.status]
         res = st.result
         headline = {k: res.metrics[k] for k in stage.headline if res and k in res.metrics}
-        stale = []  # modules edited since the result (`lmpipe run --dry-run` also weighs config and inputs)
-        if res and res.key_detail:
-            then, now = res.key_detail["code"], stage.code_digests()
-            stale = [m for m in sorted(then.keys() | now.keys()) if then.get(m) != now.get(m)]
+        # modules edited since the result (`lmpipe run --dry-run` also weighs config and inputs)
+        stale = changed(res.key_detail["code"], stage.code_digests()) if res and res.key_detail else []
         rows.append({
             "stage": stage.name, "status": label, "at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st.at)),
             "mlflow_run": res.run_id if res else None, "metrics": headline, "error": st.error,

@@ -249,20 +249,24 @@ def code_modules(roots: Iterable[str], leave_out: frozenset[str] = NOT_RESULTS) 
     return sorted(seen)
 
 
+def changed(before: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """The keys whose values differ between two mappings (one missing counts), sorted."""
+    return [k for k in sorted(before.keys() | now.keys()) if before.get(k) != now.get(k)]
+
+
 def key_changes(before: Mapping[str, Any], now: Mapping[str, Any], most: int = 3) -> list[str]:
     """Why a cache key changed, from two :meth:`Stage.key` details: config values, inputs, modules, external."""
     out = []
     old_cfg, new_cfg = before.get("config", {}), now.get("config", {})
-    keys = [k for k in sorted(old_cfg.keys() | new_cfg.keys()) if old_cfg.get(k) != new_cfg.get(k)]
+    keys = changed(old_cfg, new_cfg)
     if keys:
         shown = ", ".join(f"{k} {json.dumps(old_cfg.get(k))} -> {json.dumps(new_cfg.get(k))}" for k in keys[:most])
         out.append(f"config: {shown}" + (f" and {len(keys) - most} more" if len(keys) > most else ""))
     old_in, new_in = before.get("inputs", {}), now.get("inputs", {})
-    changed = [d for d in new_in if old_in.get(d) != new_in[d]]
-    if changed:
-        out.append(f"input: {', '.join(changed)} produced a different result")
-    old_code, new_code = before.get("code", {}), now.get("code", {})
-    modules = [m for m in sorted(old_code.keys() | new_code.keys()) if old_code.get(m) != new_code.get(m)]
+    differ = [d for d in new_in if old_in.get(d) != new_in[d]]
+    if differ:
+        out.append(f"input: {', '.join(differ)} produced a different result")
+    modules = changed(before.get("code", {}), now.get("code", {}))
     if modules:
         out.append(f"code: {', '.join(modules[:most])}" + (f" and {len(modules) - most} more" if len(modules) > most
                                                            else "") + " changed")
