@@ -71,7 +71,10 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                attn_mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+                attn_mask: torch.Tensor | None, cache: KVCache | None, rows: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """Outputs (B, T, C), or with ``rows`` those of the flattened (B * T) positions ``rows`` only, (R, C):
+        every position's key and value is still made, and the output projection runs over ``rows``."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
@@ -86,6 +89,8 @@ class CausalSelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
+        if rows is not None:
+            y = y.view(B * T, C).index_select(0, rows)
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -114,8 +119,12 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                attn_mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), rope, attn_mask, cache)
+                attn_mask: torch.Tensor | None, cache: KVCache | None, rows: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """(B, T, C), or with ``rows`` (flattened positions) only those positions' outputs, (R, C): the attention
+        still reads every position, but its projection, the residual and the MLP run over ``rows`` alone."""
+        a = self.attn(self.ln_1(x), rope, attn_mask, cache, rows)
+        x = (x if rows is None else x.flatten(0, 1).index_select(0, rows)) + a
         return x + self.mlp(self.ln_2(x))
 
 
@@ -149,6 +158,14 @@ class Generation:
         for row, n, done in zip(self.tokens.tolist(), self.lengths.tolist(), self.finished.tolist(), strict=True):
             out.append(row[: n - 1] if done and drop_eot else row[:n])
         return out
+
+
+def column_rows(batch: int, length: int, start: int, stop: int, device: torch.device | str | None = None
+                ) -> torch.Tensor:
+    """Indices, in the flattened (``batch`` * ``length``) positions, of columns ``start`` to ``stop`` - 1 of every
+    row, row by row: :meth:`GPT.hidden`'s ``rows`` for a (batch, stop - start) slice of its states."""
+    cols = torch.arange(start, stop, device=device)
+    return (torch.arange(batch, device=device).unsqueeze(1) * length + cols).flatten()
 
 
 def widen(x: torch.Tensor) -> torch.Tensor:
@@ -298,9 +315,18 @@ class GPT(nn.Module):
         return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * c.block_size
 
     def hidden(self, idx: torch.Tensor, positions: torch.Tensor | None = None,
-               attn_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
-        """Final-layer-normed hidden states (B, T, C) of token ids ``idx`` (B, T)."""
+               attn_mask: torch.Tensor | None = None, cache: KVCache | None = None,
+               rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-layer-normed hidden states (B, T, C) of token ids ``idx`` (B, T).
+
+        ``rows`` (R,), indices into the flattened (B * T) positions, asks for those positions' states only,
+        (R, C), in that order. Every layer but the last still runs over every position (later positions attend
+        to them); the last block's attention projection, its MLP and the final norm run over ``rows`` alone.
+        A reward read at each sequence's last token, or a loss over the response tokens, needs no more.
+        """
         B, T = idx.size()
+        if rows is not None and cache is not None:
+            raise ValueError("hidden: rows cannot be combined with a KV cache")
         start = cache.pos if cache is not None else 0
         if positions is None:
             if start + T > self.config.block_size:
@@ -317,8 +343,11 @@ class GPT(nn.Module):
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (T, D) or (B, T, D)
             rope = (cos, sin) if cos.dim() == 2 else (cos.unsqueeze(1), sin.unsqueeze(1))
         x = self.drop(x)
-        for block in self.h:
-            x = block(x, rope, attn_mask, cache)
+        last = len(self.h) - 1
+        for i, block in enumerate(self.h):
+            x = block(x, rope, attn_mask, cache, rows if i == last else None)
+        if rows is not None and last < 0:
+            x = x.flatten(0, 1).index_select(0, rows)
         if cache is not None:
             cache.pos = start + T
         return self.ln_f(x)
@@ -348,15 +377,18 @@ class GPT(nn.Module):
                    reduction: Literal["mean", "sum"] = "mean", skip_ignored: bool = False) -> torch.Tensor:
         """Cross-entropy of ``targets`` (B, T) through the fused head (:func:`linear_cross_entropy`), no logits made.
 
-        ``skip_ignored`` runs the head over the positions whose target is not ``ignore_index`` only, which pays
-        when many are ignored (instruction tuning's prompts and padding). Finding them reads the targets on the
+        ``skip_ignored`` runs the head, the final norm and the last block's MLP and attention projection (``rows``
+        of :meth:`hidden`) over the positions whose target is not ``ignore_index`` only, which pays when many are
+        ignored (instruction tuning's prompts and padding). Finding them reads the targets on the
         host (a device sync), and the head's shapes then vary from batch to batch, so under ``torch.compile``
         the flag is passed over and every position goes through the head (the result is the same).
         """
-        h, flat = self.hidden(idx, positions, attn_mask).flatten(0, 1), targets.reshape(-1)
+        flat = targets.reshape(-1)
         if skip_ignored and not torch.compiler.is_compiling():
             keep = (flat != ignore_index).nonzero().squeeze(1)
-            h, flat = h.index_select(0, keep), flat.index_select(0, keep)
+            h, flat = self.hidden(idx, positions, attn_mask, rows=keep), flat.index_select(0, keep)
+        else:
+            h = self.hidden(idx, positions, attn_mask).flatten(0, 1)
         return linear_cross_entropy(h, self.lm_head.weight, flat, ignore_index, chunk, reduction)
 
     @torch.no_grad()

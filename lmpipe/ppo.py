@@ -54,7 +54,7 @@ from lmpipe.bpe import END_ID, PAD_ID
 from lmpipe.chat import STOP_IDS, TEMPLATE_NAME, ChatTemplate, Message
 from lmpipe.checkpoint import read_model_config, save_model_folder
 from lmpipe.config import PipelineConfig, PpoConfig
-from lmpipe.gpt import GPT, widen
+from lmpipe.gpt import GPT, column_rows, widen
 from lmpipe.pretrain import TOKENIZER_FILE, file_sha256, step_seed
 from lmpipe.sft import answer, heldout
 from lmpipe.stage import Logger, NullLogger, StageContext, StageOutput
@@ -99,9 +99,13 @@ class ValueModel(nn.Module):
         self.head = head if head is not None else zero_head(body.config.n_embd)
         del self.body.lm_head  # unused: keeps the tied embedding counted once and out of the gradient check
 
-    def forward(self, idx: torch.Tensor, positions: torch.Tensor, attn_mask: torch.Tensor, start: int = 0
-                ) -> torch.Tensor:
-        return self.head(self.body.hidden(idx, positions, attn_mask)[:, start:]).squeeze(-1)  # (B, T - start)
+    def forward(self, idx: torch.Tensor, positions: torch.Tensor, attn_mask: torch.Tensor, start: int = 0,
+                stop: int | None = None) -> torch.Tensor:
+        """Values (B, stop - start) of the states at columns ``start`` to ``stop`` - 1 (default: the last)."""
+        B, T = idx.shape
+        stop = T if stop is None else stop
+        rows = column_rows(B, T, start, stop, idx.device)  # the last block runs its MLP over these only
+        return self.head(self.body.hidden(idx, positions, attn_mask, rows=rows)).view(B, stop - start)
 
 
 def zero_head(n_embd: int) -> nn.Linear:
@@ -128,11 +132,20 @@ class ActorCritic(nn.Module):
         onwards (:func:`response_logprobs`; 0 at padding). The values are those of the states the tokens are
         chosen in."""
         N = response.size(1)
-        hidden = self.policy.hidden(idx, positions, attn_mask)[:, start : start + N]  # (B, N, C)
+        hidden = response_hidden(self.policy, idx, positions, attn_mask, start, N)
         logp, entropy = response_logprobs(self.policy, hidden, response, mask, temperature, chunk)
         if self.value_head is not None:
             return logp, entropy, self.value_head(hidden).squeeze(-1)
-        return logp, entropy, self.value(idx, positions, attn_mask, start)[:, :N]
+        return logp, entropy, self.value(idx, positions, attn_mask, start, start + N)
+
+
+def response_hidden(model: GPT, idx: torch.Tensor, positions: torch.Tensor, attn_mask: torch.Tensor, start: int,
+                    n: int) -> torch.Tensor:
+    """The final states (B, n, C) at columns ``start`` to ``start + n`` - 1, those that predict the response: the
+    prompt's columns go through every layer but the last (:meth:`GPT.hidden`'s ``rows``)."""
+    B, T = idx.shape
+    rows = column_rows(B, T, start, start + n, idx.device)
+    return model.hidden(idx, positions, attn_mask, rows=rows).view(B, n, -1)
 
 
 def response_logprobs(model: GPT, hidden: torch.Tensor, response: torch.Tensor, mask: torch.Tensor,
@@ -257,7 +270,7 @@ def annotate(model: ActorCritic, ref: GPT, batch: Batch, temperature: float, chu
     start, N = batch.prompt_len - 1, batch.response.size(1)
     logp, _, values = model(batch.idx, batch.positions, batch.attn_mask, start, batch.response, batch.mask,
                             temperature, chunk)
-    ref_hidden = ref.hidden(batch.idx, batch.positions, batch.attn_mask)[:, start : start + N]
+    ref_hidden = response_hidden(ref, batch.idx, batch.positions, batch.attn_mask, start, N)
     batch.data["logp"] = logp
     batch.data["ref_logp"] = response_logprobs(ref, ref_hidden, batch.response, batch.mask, temperature, chunk)[0]
     batch.data["values"] = values.float() * batch.mask

@@ -85,8 +85,9 @@ class RewardNet(nn.Module):
 
     def forward(self, idx: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         """Rewards (B,) of right-padded token ids ``idx`` (B, T) read at positions ``last`` (B,)."""
-        h = self.gpt.hidden(idx)  # (B, T, C)
-        return self.head(h[torch.arange(idx.size(0), device=idx.device), last]).squeeze(-1)  # (B,)
+        B, T = idx.shape
+        rows = torch.arange(B, device=idx.device) * T + last  # the last block runs its MLP there only
+        return self.head(self.gpt.hidden(idx, rows=rows)).squeeze(-1)  # (B,)
 
     def flops_per_token(self) -> float:
         return self.gpt.flops_per_token()

@@ -301,6 +301,42 @@ def test_skip_ignored_runs_the_head_over_the_kept_positions_only(monkeypatch):
     assert seen == [5, 32]
 
 
+@pytest.mark.parametrize("positions", ["learned", "rope"])
+def test_hidden_rows_equal_the_full_states_at_those_rows(positions):
+    m = tiny(positions).double().train()
+    x = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    doc = torch.tensor([0] * 5 + [1] * 7)  # packed rows, as instruction tuning makes them
+    mask = ((doc[:, None] == doc[None, :]) & torch.ones(12, 12, dtype=torch.bool).tril())[None, None]
+    pos = torch.cat([torch.arange(5), torch.arange(7)])[None].expand(2, -1)
+    rows = torch.tensor([23, 0, 4, 13, 4])  # any order, repeats allowed
+    weight = torch.randn(5, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    grads = []
+    for sub in (False, True):
+        m.zero_grad()
+        h = m.hidden(x, pos, mask, rows=rows) if sub else m.hidden(x, pos, mask).flatten(0, 1)[rows]
+        assert h.shape == (5, 32)
+        (h * weight).sum().backward()
+        grads.append((h.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}))
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-12, atol=1e-12)
+    for name, g in grads[0][1].items():
+        torch.testing.assert_close(grads[1][1][name], g, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_hidden_rows_run_the_last_mlp_over_those_rows_only(monkeypatch):
+    import lmpipe.gpt as gpt_module
+
+    seen = []
+    real = gpt_module.MLP.forward
+    monkeypatch.setattr(gpt_module.MLP, "forward", lambda self, x: seen.append(tuple(x.shape)) or real(self, x))
+    m = tiny()
+    x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    m.hidden(x, rows=gpt_module.column_rows(2, 16, 10, 13))
+    assert seen == [(2, 16, 32), (6, 32)]  # the first block over every position, the last over 2 x 3 rows
+    assert gpt_module.column_rows(2, 16, 10, 13).tolist() == [10, 11, 12, 26, 27, 28]
+    with pytest.raises(ValueError, match="KV cache"):
+        m.hidden(x, rows=torch.tensor([0]), cache=gpt_module.KVCache(2, 2, 2, 16, 16, "cpu", torch.float32))
+
+
 def test_model_loss_chunk_compiles_into_one_graph():
     import torch._dynamo
 

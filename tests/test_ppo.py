@@ -118,6 +118,10 @@ def test_fused_head_equals_the_full_logits_path(value_model):
     response = torch.tensor([[70, 71, END_ID, PAD_ID], [80, END_ID, PAD_ID, PAD_ID], [90, 91, 92, 93]])
     mask = (response != PAD_ID).long()
     batch = ppo.layout(prompts, response, mask, torch.tensor([True, True, False]))
+    start = batch.prompt_len - 1  # the response's states: the prompt's columns skip the last block's MLP
+    full = policy.hidden(batch.idx, batch.positions, batch.attn_mask)[:, start : start + 4]
+    got = ppo.response_hidden(policy, batch.idx, batch.positions, batch.attn_mask, start, 4)
+    torch.testing.assert_close(got, full, rtol=1e-12, atol=1e-12)
     weights = torch.randn(3, 4, dtype=torch.float64)
     results = []
     for chunk in (0, 3):  # the full logits, then the fused head over the 9 real tokens in chunks of 3

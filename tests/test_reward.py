@@ -206,7 +206,8 @@ def test_stage_learns_what_the_baselines_cannot_and_scores_through_the_loader(wo
                                                               "the value of alpha9. Return"])
     assert good > bad
     (z,) = rm.score(["What does `mod.alpha9` do?"], ["Return the value of alpha9."], normalize=True)
-    assert z == pytest.approx((good - rm.mean) / rm.std, abs=1e-9)
+    # alone or in a batch of two: float32 products of different shapes round differently
+    assert z == pytest.approx((good - rm.mean) / rm.std, abs=1e-5)
     weak = workspace.root / "weak"
     weak.mkdir()
     for f in model_dir.iterdir():
