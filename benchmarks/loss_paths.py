@@ -1,7 +1,8 @@
 """The loss paths the GPT benchmarks compare, written as a comma-separated list.
 
 ``0`` is the plain loss (all the logits, then the cross-entropy); ``N`` the fused LM head + cross-entropy in
-chunks of N tokens; ``Ns`` the same over the targets that are not ignored only (``skip_ignored``). With a share
+chunks of N tokens; ``Ns`` the same over the targets that are not ignored only (``skip_ignored``: the head, the
+final norm and the last block's MLP and attention projection run over those positions alone). With a share
 of ignored targets, the first part of every 64 targets is ignored, as prompts and padding are in instruction
 tuning's packed rows.
 """

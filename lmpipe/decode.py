@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lmpipe.gpt import GPT, Generation, KVCache, apply_rope, sample_next
+from lmpipe.gpt import GPT, Generation, KVCache, apply_rope, column_rows, sample_next
 
 
 class StaticDecoder:
@@ -100,7 +100,8 @@ class StaticDecoder:
         causal = torch.ones(P, P, dtype=torch.bool, device=idx.device).tril()
         mask = (causal & valid[:, None, None, :]) | torch.eye(P, dtype=torch.bool, device=idx.device)
         self.cache.pos = 0
-        h = self.model.hidden(idx, positions, mask, self.cache)[:, -1]
+        last = column_rows(idx.size(0), P, P - 1, P, idx.device)  # states are needed at the last column only
+        h = self.model.hidden(idx, positions, mask, self.cache, rows=last)
         self.key_mask.zero_()
         self.key_mask[:, 0, 0, :P] = valid
         return self.model.lm_head(h).float()

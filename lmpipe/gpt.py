@@ -322,11 +322,10 @@ class GPT(nn.Module):
         ``rows`` (R,), indices into the flattened (B * T) positions, asks for those positions' states only,
         (R, C), in that order. Every layer but the last still runs over every position (later positions attend
         to them); the last block's attention projection, its MLP and the final norm run over ``rows`` alone.
-        A reward read at each sequence's last token, or a loss over the response tokens, needs no more.
+        A reward read at each sequence's last token, a loss over the response tokens, or a prompt's prefill
+        (whose keys and values every layer still stores in ``cache``) needs no more.
         """
         B, T = idx.size()
-        if rows is not None and cache is not None:
-            raise ValueError("hidden: rows cannot be combined with a KV cache")
         start = cache.pos if cache is not None else 0
         if positions is None:
             if start + T > self.config.block_size:
@@ -434,7 +433,8 @@ class GPT(nn.Module):
             causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
             # a padding query attends to itself only, so no row of the mask is empty (which gives NaN)
             mask = (causal & valid[:, None, None, :P]) | torch.eye(P, dtype=torch.bool, device=device)
-        h = self.hidden(idx, positions[:, :P] if padded else None, mask, cache)[:, -1]  # (B, C)
+        last = column_rows(B, P, P - 1, P, device)  # the prefill's states are needed at the last column only
+        h = self.hidden(idx, positions[:, :P] if padded else None, mask, cache, rows=last)  # (B, C)
         out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
         lengths = torch.zeros(B, dtype=torch.long, device=device)
         finished = torch.zeros(B, dtype=torch.bool, device=device)

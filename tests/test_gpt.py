@@ -333,8 +333,6 @@ def test_hidden_rows_run_the_last_mlp_over_those_rows_only(monkeypatch):
     m.hidden(x, rows=gpt_module.column_rows(2, 16, 10, 13))
     assert seen == [(2, 16, 32), (6, 32)]  # the first block over every position, the last over 2 x 3 rows
     assert gpt_module.column_rows(2, 16, 10, 13).tolist() == [10, 11, 12, 26, 27, 28]
-    with pytest.raises(ValueError, match="KV cache"):
-        m.hidden(x, rows=torch.tensor([0]), cache=gpt_module.KVCache(2, 2, 2, 16, 16, "cpu", torch.float32))
 
 
 def test_model_loss_chunk_compiles_into_one_graph():
