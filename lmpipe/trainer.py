@@ -125,8 +125,12 @@ def setup_distributed(device: str = "auto") -> Dist:
     return Dist(rank, local_rank, world, dev)
 
 
-def teardown_distributed() -> None:
+def teardown_distributed(wait: bool = False) -> None:
+    """Leave the process group; with ``wait``, after a barrier, so that no rank closes its connections while
+    another is still using them (gloo aborts a process whose peer resets a connection under it)."""
     if torch_dist.is_initialized():
+        if wait:
+            torch_dist.barrier()
         torch_dist.destroy_process_group()
 
 
@@ -428,11 +432,15 @@ def deterministic_algorithms(enabled: bool) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def distributed(device: str = "auto") -> Iterator[Dist]:
-    """``setup_distributed`` for the duration of a block, torn down afterwards."""
+def distributed(device: str = "auto", wait: bool = False) -> Iterator[Dist]:
+    """``setup_distributed`` for the duration of a block, torn down afterwards (with ``wait``, after a barrier
+    when the block succeeds). Stages leave ``wait`` off: rank 0 evaluates and writes alone after training,
+    which may take longer than a barrier's timeout."""
     d = setup_distributed(device)
+    ok = False
     try:
         yield d
+        ok = True
     finally:
         if d.world_size > 1:
-            teardown_distributed()
+            teardown_distributed(wait=wait and ok)  # after an error other ranks may never reach the barrier

@@ -11,7 +11,7 @@ from ranks import spawn
 from safetensors.torch import load_file, save_file
 
 from lmpipe.gpt import GPT, GPTConfig
-from lmpipe.trainer import Objective, Trainer, TrainSettings, setup_distributed, teardown_distributed
+from lmpipe.trainer import Objective, Trainer, TrainSettings, distributed
 
 STEPS = 3
 TIMEOUT_S = 120
@@ -45,8 +45,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist = setup_distributed("cpu")
-    try:
+    with distributed("cpu", wait=True) as dist:
         if rank == 1:
             torch.manual_seed(99)  # a different initialisation: DDP must broadcast rank 0's weights
         model = _model() if rank == 0 else GPT(_model().config)
@@ -55,8 +54,6 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             trainer.train_step(Rows(rank, world).batches(step), Rows(rank, world).loss, step)
         save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"},
                   str(Path(out) / f"rank{rank}.safetensors"))
-    finally:
-        teardown_distributed()
 
 
 @pytest.mark.slow

@@ -22,7 +22,7 @@ from lmpipe.chat import TEMPLATE_NAME
 from lmpipe.checkpoint import load_model_folder, save_model_folder
 from lmpipe.config import IngestConfig, PpoConfig, SftConfig, TokenizerConfig
 from lmpipe.gpt import GPT, GPTConfig
-from lmpipe.trainer import Trainer, setup_distributed, teardown_distributed
+from lmpipe.trainer import Trainer, distributed
 from lmpipe.workspace import Workspace
 
 TIMEOUT_S = 180
@@ -75,10 +75,11 @@ def assets(tmp_path_factory) -> dict[str, Path]:
 
 
 def _join(rank: int, world: int, port: int):
+    """The process group of ``rank`` for a ``with`` block, left after a barrier when the block succeeds."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    return setup_distributed("cpu")
+    return distributed("cpu", wait=True)
 
 
 def _recording_save(folder: Path, rank: int):
@@ -107,15 +108,12 @@ def _assert_same_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def _sft_worker(rank: int, world: int, port: int, root: str) -> None:
-    dist = _join(rank, world, port)
-    try:
+    with _join(rank, world, port) as dist:
         a = Path(root)
         Trainer.save = _recording_save(a / "sft-ddp", rank)
         result = sft.sft(Workspace(a / "ws"), SFT_CFG, a / "model", a / "sft-ddp", dist=dist, progress=False)
         (a / "sft-ddp" / f"result{rank}.json").write_text(json.dumps({"metrics": result.metrics,
                                                                       "losses": result.losses}))
-    finally:
-        teardown_distributed()
 
 
 @pytest.mark.slow
@@ -160,8 +158,7 @@ def test_masked_statistics_reduce_sums_and_counts():
 
 
 def _ppo_worker(rank: int, world: int, port: int, root: str) -> None:
-    dist = _join(rank, world, port)
-    try:
+    with _join(rank, world, port) as dist:
         a = Path(root)
         # hand numbers: rank 0 holds [1, 2], rank 1 holds [3, 4] and a padding entry
         x = torch.tensor([[1.0, 2.0, 0.0]]) if rank == 0 else torch.tensor([[3.0, 4.0, 100.0]])
@@ -175,8 +172,6 @@ def _ppo_worker(rank: int, world: int, port: int, root: str) -> None:
                          builtin=False, dist=dist)
         (a / "ppo-ddp" / f"result{rank}.json").write_text(json.dumps({"stats": stats, "metrics": result.metrics,
                                                                       "history": result.history}))
-    finally:
-        teardown_distributed()
 
 
 @pytest.mark.slow
