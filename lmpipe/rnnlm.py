@@ -58,8 +58,16 @@ class RNNLM(nn.Module):
 
     def forward(self, x: torch.Tensor, state: object = None) -> tuple[torch.Tensor, object]:
         """Logits (B, T, V) for inputs (B, T) and the state after them."""
-        h, state = self.rnn(self.drop(self.embed(x)), state)  # (B, T, H)
-        return mask_bos(self.head(self.drop(h))), state
+        h, state = self.states(x, state)
+        return self.logits(h), state
+
+    def states(self, x: torch.Tensor, state: object = None) -> tuple[torch.Tensor, object]:
+        """The last layer's hidden states (B, T, H) for inputs (B, T), and the state after them."""
+        return self.rnn(self.drop(self.embed(x)), state)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits (..., V) of hidden states (..., H); ``<s>`` gets none."""
+        return mask_bos(self.head(self.drop(h)))
 
 
 def detach(state: object) -> object:
@@ -117,23 +125,37 @@ def train_rnnlm(train_docs: Sequence[np.ndarray], val_docs: Sequence[np.ndarray]
 
 
 @torch.no_grad()
-def rnnlm_log2probs(model: RNNLM, docs: Sequence[np.ndarray], batch: int = 64) -> np.ndarray:
-    """log2 p of every token of ``docs``, each document read from a zero state (padded batches of similar length)."""
+def rnnlm_log2probs(model: RNNLM, docs: Sequence[np.ndarray], tokens: int = 16384, chunk: int = 2048) -> np.ndarray:
+    """log2 p of every token of ``docs``, each document read from a zero state.
+
+    Documents of similar length share a padded batch of at most ``tokens`` positions (a longer document goes
+    alone). The softmax over the vocabulary is taken ``chunk`` real positions at a time, so memory stays
+    bounded whatever the vocabulary size and the documents' lengths.
+    """
     dev = next(model.parameters()).device
     order = sorted(range(len(docs)), key=lambda i: len(docs[i]))
     per_doc: list[np.ndarray] = [np.zeros(0)] * len(docs)
-    for b0 in range(0, len(order), batch):
-        idx = order[b0 : b0 + batch]
-        width = max(len(docs[i]) for i in idx)
+    b0 = 0
+    while b0 < len(order):
+        b1 = b0 + 1  # lengths ascend: the batch is as wide as its last document
+        while b1 < len(order) and (b1 + 1 - b0) * len(docs[order[b1]]) <= tokens:
+            b1 += 1
+        idx, b0 = order[b0:b1], b1
+        lengths = torch.tensor([len(docs[i]) for i in idx])
+        width = int(lengths.max())
         x = torch.full((len(idx), width), BOS_ID, dtype=torch.long)
         y = torch.zeros((len(idx), width), dtype=torch.long)
         for r, i in enumerate(idx):
             d = torch.from_numpy(docs[i].astype(np.int64))
             x[r, 1 : len(d)], y[r, : len(d)] = d[:-1], d
-        logits, _ = model(x.to(dev))
-        lp = torch.log_softmax(logits.float(), -1).gather(2, y.to(dev)[..., None])[..., 0].cpu().numpy() * LOG2_E
-        for r, i in enumerate(idx):
-            per_doc[i] = lp[r, : len(docs[i])]
+        h, _ = model.states(x.to(dev))
+        real = (torch.arange(width) < lengths[:, None]).to(dev)  # (B, W), row by row: each document's tokens
+        hr, yr = h[real], y.to(dev)[real]
+        lp = np.concatenate([torch.log_softmax(model.logits(hr[s : s + chunk]).float(), -1)
+                             .gather(1, yr[s : s + chunk, None])[:, 0].cpu().numpy() * LOG2_E
+                             for s in range(0, len(yr), chunk)])
+        for i, part in zip(idx, np.split(lp, np.cumsum(lengths.numpy())[:-1]), strict=True):
+            per_doc[i] = part
     return np.concatenate(per_doc) if docs else np.zeros(0)
 
 

@@ -37,6 +37,8 @@ def test_scoring_is_per_document_and_normalised(cell):
     together = rnnlm.rnnlm_log2probs(model, docs)
     alone = np.concatenate([rnnlm.rnnlm_log2probs(model, [d]) for d in docs])
     np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-6)  # padding and batch-mates change nothing
+    # batches of at most 8 positions (the longest document alone) and the softmax 3 positions at a time
+    np.testing.assert_allclose(rnnlm.rnnlm_log2probs(model, docs, tokens=8, chunk=3), together, rtol=1e-5, atol=1e-6)
     logits, _ = model(torch.tensor([[BOS_ID, 3, 4]]))
     p = torch.softmax(logits, -1).detach()
     assert p.sum(-1).flatten().tolist() == pytest.approx([1.0] * 3) and float(p[..., BOS_ID].max()) == 0.0
