@@ -215,17 +215,17 @@ def pca_2d(vectors: np.ndarray) -> np.ndarray:
 
 def plot_pca(wv: WordVectors, path: Path, n_words: int = 200, title: str = "") -> Path:
     """A PNG of the ``n_words`` first (most frequent) words projected on their first two principal components."""
-    from lmpipe.plots import _pyplot
+    from lmpipe import plots
 
-    plt = _pyplot()
+    plt = plots._pyplot()
     n = min(n_words, len(wv))
     xy = pca_2d(wv.vectors[:n].astype(np.float64))
     fig, ax = plt.subplots(figsize=(9, 9), dpi=110)
     ax.scatter(xy[:, 0], xy[:, 1], s=4, alpha=0.5)
+    fonts = plots.label_fonts()  # a CJK font where one is installed, for words DejaVu Sans cannot draw
     for (x, y), w in zip(xy, wv.words[:n], strict=True):
-        ax.annotate(w, (x, y), fontsize=6, alpha=0.8)
+        ax.annotate(w, (x, y), fontsize=6, alpha=0.8, fontfamily=fonts)
     ax.set_title(title or f"PCA of the {n} most frequent words")
-    fig.tight_layout()
-    fig.savefig(path)
+    plots.save(fig, path)
     plt.close(fig)
     return path

@@ -101,3 +101,23 @@ def test_pca_projection_and_plot(tmp_path, wv):
     assert abs(xy[:, 0]).max() == pytest.approx(math.sqrt(8), rel=1e-3)  # spread along (1, 1, 0)/sqrt(2)
     png = vectors.plot_pca(wv, tmp_path / "pca.png", n_words=5)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cjk_labels_use_an_installed_cjk_font_or_give_one_warning(tmp_path):
+    import warnings
+
+    from lmpipe import plots
+
+    assert plots.label_fonts({"Liberation Serif", "WenQuanYi Zen Hei", "Noto Sans CJK SC"}) == [
+        "DejaVu Sans", "Noto Sans CJK SC", "WenQuanYi Zen Hei"]  # in CJK_FAMILIES' order
+    assert plots.label_fonts(set()) == ["DejaVu Sans"]
+    wv = WordVectors(["我", "吃", "苹果", "the"], np.eye(4, dtype=np.float32))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        png = vectors.plot_pca(wv, tmp_path / "pca.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    messages = [str(w.message) for w in caught]
+    if len(plots.label_fonts()) > 1:  # a CJK font is installed: every label has its glyphs
+        assert messages == []
+    else:  # one warning for the plot, not one per glyph, naming the characters drawn as boxes
+        assert len(messages) == 1 and messages[0].startswith("pca.png: 4 characters have no glyph")
