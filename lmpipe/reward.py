@@ -566,7 +566,15 @@ def prepare_data(ws: Workspace, cfg: RewardConfig, ingest_cfg: IngestConfig, sft
             ranked = preferences.ranked_pairs(chosen, sampler(model, ChatTemplate(tokenizer), cfg),
                                               cfg.samples_per_prompt)
         preferences.replace_source(ws, preferences.RANKED_SOURCE, ranked, ingest_cfg)
-    return {f"pairs_{k}": float(n) for k, n in preferences.counts(ws, cfg.builtin).items()}
+    counts = preferences.counts(ws, cfg.builtin)
+    if not counts.get("train"):
+        why = ("the built-in pairs come from the built-in corpus's documented stdlib objects, and this workspace's "
+               "corpus has none" if cfg.builtin else "the built-in pairs are off (reward.builtin: false)")
+        raise ValueError(f"reward: no train preference pairs: {why}. Give preference files in reward.sources "
+                         "(JSONL or Parquet: prompt/chosen/rejected, or chosen/rejected dialogues) or ingest them "
+                         "with `lmpipe ingest --kind preferences FILE`, or stop before this stage with "
+                         "`lmpipe run --to sft`")
+    return {f"pairs_{k}": float(n) for k, n in counts.items()}
 
 
 def reward_stats(net: RewardNet, groups: Sequence[Group], limit: int, seed: int = 0) -> tuple[float, float]:

@@ -18,7 +18,7 @@ from lmpipe import reward, warehouse
 from lmpipe.bpe import PAD_ID, train_tokenizer
 from lmpipe.chat import ChatTemplate
 from lmpipe.checkpoint import checkpoint_steps, save_model_folder
-from lmpipe.config import ConfigError, RewardConfig, TokenizerConfig, load_config
+from lmpipe.config import ConfigError, IngestConfig, RewardConfig, TokenizerConfig, load_config
 from lmpipe.corpus import text_hash
 from lmpipe.gpt import GPT, GPTConfig
 from lmpipe.preferences import Pair
@@ -311,3 +311,13 @@ def test_presets_and_config_checks():
         load_config("tiny", overrides=["reward.min_accuracy=1.5"])
     with pytest.raises(ConfigError, match="not one of"):
         load_config("tiny", overrides=["reward.corruptions=[swapped]"])
+
+
+def test_no_preference_pairs_is_an_error_that_says_what_to_give(workspace, tmp_path):
+    from lmpipe import warehouse
+
+    with warehouse.connect(workspace):  # a warehouse whose corpus has no stdlib objects (a user's own corpus)
+        pass
+    with pytest.raises(ValueError, match="no train preference pairs") as e:
+        reward.prepare_data(workspace, RewardConfig(), IngestConfig(), tmp_path, torch.device("cpu"))
+    assert "reward.sources" in str(e.value) and "lmpipe ingest --kind preferences" in str(e.value)

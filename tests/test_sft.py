@@ -264,3 +264,12 @@ def test_cache_key_follows_instruction_files_and_rows_ingested_elsewhere(workspa
     assert changed != key
     mine.write_text(json.dumps({"prompt": "P", "response": "R2"}) + "\n", encoding="utf-8")
     assert stage.cache_key(workspace, cfg, inputs) != changed
+
+
+@pytest.mark.parametrize("builtin", [True, False])
+def test_no_instructions_is_an_error_that_says_what_to_give(workspace, builtin):
+    # a workspace whose corpus is the user's own: no stdlib objects, so no built-in set either
+    with pytest.raises(ValueError, match="no train instructions") as e:
+        sft.prepare_data(workspace, SftConfig(builtin=builtin), IngestConfig())
+    assert "sft.sources" in str(e.value) and "lmpipe ingest --kind instructions" in str(e.value)
+    assert ("sft.builtin: false" in str(e.value)) != builtin
