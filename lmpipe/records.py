@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,6 +62,18 @@ class RecordTable:
                                     ingested_at TIMESTAMPTZ NOT NULL
                                 )""")
             yield con
+
+    def require_train(self, counts: Mapping[str, int], stage: str, what: str, builtin: bool, formats: str,
+                      before: str) -> None:
+        """Raise a ValueError that says how to give ``stage`` its data when ``counts`` (rows per split) has no
+        train rows; ``what`` names the rows, ``formats`` the files it reads, ``before`` the stage to stop at."""
+        if counts.get("train"):
+            return
+        why = (f"the built-in {what} come from the built-in corpus's documented stdlib objects, and this "
+               "workspace's corpus has none" if builtin else f"the built-in {what} are off ({stage}.builtin: false)")
+        raise ValueError(f"{stage}: no train {what}: {why}. Give files in {stage}.sources ({formats}) or ingest them "
+                         f"with `lmpipe ingest --kind {self.name} FILE`, or stop before this stage with "
+                         f"`lmpipe run --to {before}`")
 
     def exists(self, con: duckdb.DuckDBPyConnection) -> bool:
         """Whether the rows table has been created (a read-only connection cannot create it)."""

@@ -567,13 +567,8 @@ def prepare_data(ws: Workspace, cfg: RewardConfig, ingest_cfg: IngestConfig, sft
                                               cfg.samples_per_prompt)
         preferences.replace_source(ws, preferences.RANKED_SOURCE, ranked, ingest_cfg)
     counts = preferences.counts(ws, cfg.builtin)
-    if not counts.get("train"):
-        why = ("the built-in pairs come from the built-in corpus's documented stdlib objects, and this workspace's "
-               "corpus has none" if cfg.builtin else "the built-in pairs are off (reward.builtin: false)")
-        raise ValueError(f"reward: no train preference pairs: {why}. Give preference files in reward.sources "
-                         "(JSONL or Parquet: prompt/chosen/rejected, or chosen/rejected dialogues) or ingest them "
-                         "with `lmpipe ingest --kind preferences FILE`, or stop before this stage with "
-                         "`lmpipe run --to sft`")
+    preferences.TABLE.require_train(counts, "reward", "preference pairs", cfg.builtin, "JSONL or Parquet: "
+                                    "prompt/chosen/rejected, or chosen/rejected dialogues", "sft")
     return {f"pairs_{k}": float(n) for k, n in counts.items()}
 
 

@@ -355,13 +355,8 @@ def prepare_data(ws: Workspace, cfg: SftConfig, ingest_cfg: IngestConfig) -> dic
     if cfg.builtin:
         instructions.derive_builtin(ws, ingest_cfg, cfg.phrasings, cfg.max_response_chars)
     counts = instructions.counts(ws, cfg.builtin)
-    if not counts.get("train"):
-        why = ("the built-in set comes from the built-in corpus's documented stdlib objects, and this workspace's "
-               "corpus has none" if cfg.builtin else "the built-in set is off (sft.builtin: false)")
-        raise ValueError(f"sft: no train instructions to fine-tune on: {why}. Give instruction files in sft.sources "
-                         "(JSONL or Parquet: Alpaca, prompt/response or messages records) or ingest them with "
-                         "`lmpipe ingest --kind instructions FILE`, or stop before this stage with "
-                         "`lmpipe run --to pretrain`")
+    instructions.TABLE.require_train(counts, "sft", "instructions", cfg.builtin,
+                                     "JSONL or Parquet: Alpaca, prompt/response or messages records", "pretrain")
     return {f"instructions_{s}": float(n) for s, n in counts.items()}
 
 
