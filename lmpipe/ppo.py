@@ -102,10 +102,8 @@ class ValueModel(nn.Module):
     def forward(self, idx: torch.Tensor, positions: torch.Tensor, attn_mask: torch.Tensor, start: int = 0,
                 stop: int | None = None) -> torch.Tensor:
         """Values (B, stop - start) of the states at columns ``start`` to ``stop`` - 1 (default: the last)."""
-        B, T = idx.shape
-        stop = T if stop is None else stop
-        rows = column_rows(B, T, start, stop, idx.device)  # the last block runs its MLP over these only
-        return self.head(self.body.hidden(idx, positions, attn_mask, rows=rows)).view(B, stop - start)
+        stop = idx.size(1) if stop is None else stop
+        return self.head(response_hidden(self.body, idx, positions, attn_mask, start, stop - start)).squeeze(-1)
 
 
 def zero_head(n_embd: int) -> nn.Linear:
