@@ -45,7 +45,8 @@ TRAINING_KNOBS = {
     "grad_clip": "Clip the global gradient norm to this (0: no clipping).",
     "keep_last": "Checkpoints kept on disk (older ones are deleted).",
     "device": "Training device; auto picks CUDA when available.",
-    "dtype": "Autocast precision; auto is bf16 on GPUs with it, else float32.",
+    "dtype": "Autocast precision; auto is bf16 where the device computes it natively (GPUs with it, CPUs "
+             "with AVX512-BF16 or AMX), else float32.",
     "deterministic": "Ask PyTorch for deterministic kernels (exact resume on CPU).",
     "threads": "CPU threads for PyTorch (0: leave PyTorch's default).",
     "peak_tflops": "Accelerator peak in TFLOP/s for MFU (0: look the GPU up in a table).",

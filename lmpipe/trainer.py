@@ -3,7 +3,7 @@
 A stage describes *what* to train by subclassing :class:`Objective` (its micro-batches for a step, the
 loss of one micro-batch, its evaluation, its data position); :class:`Trainer` does the rest the same
 way for all of them: AdamW with decay on matrices only, linear warmup then cosine decay, gradient
-accumulation, clipping, bf16 autocast on GPUs that support it, optional ``torch.compile``, DDP under
+accumulation, clipping, bf16 autocast where the hardware computes it natively, optional ``torch.compile``, DDP under
 ``torchrun``, the progress line, metrics, and checkpoints with exact resume. A stage whose loop is
 not "one batch, one step" (PPO) calls :meth:`Trainer.train_step` and :meth:`Trainer.save` itself.
 """
@@ -134,10 +134,25 @@ def teardown_distributed(wait: bool = False) -> None:
         torch_dist.destroy_process_group()
 
 
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU has bf16 matrix instructions (AVX512-BF16 or AMX).
+
+    Where it does, oneDNN runs bf16 matmuls at more than twice the float32 rate (430 against 177 GFLOP/s on
+    two Zen 4 cores); elsewhere bf16 is emulated and slower than float32.
+    """
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
 def autocast_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
-    """bfloat16 on GPUs that support it when ``name`` is "auto", float32 otherwise (and on CPU)."""
+    """The autocast precision ``name`` asks for; "auto" is bfloat16 where the device computes it natively
+    (CUDA GPUs that support it, CPUs with AVX512-BF16 or AMX) and float32 elsewhere."""
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        if device.type == "cuda":
+            native = torch.cuda.is_bf16_supported()
+        else:
+            native = device.type == "cpu" and cpu_computes_bf16()
+        return torch.bfloat16 if native else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 

@@ -66,7 +66,9 @@ def test_pretrain_learns_and_reports_bits_per_byte(tmp_path, shard_dir):
     val = np.fromfile(shard_dir / "val.bin", dtype=np.uint16)
     nats, n = pt.split_nats(model, val, batch_size=3)
     assert n == len(val)
-    assert m["val_bpb"] == pytest.approx(nats / math.log(2) / meta["splits"]["val"]["bytes"], rel=1e-5)
+    # the stage scores under its autocast precision (bf16 on CPUs that compute it natively), this in float32:
+    # they agree to about 1e-5; one token left out of the count would move it by 1e-3
+    assert m["val_bpb"] == pytest.approx(nats / math.log(2) / meta["splits"]["val"]["bytes"], rel=1e-4)
     assert m["test_bpb"] > 0 and m["tokens_trained"] == 12 * 4 * 32
     assert checkpoint_steps(tmp_path / "checkpoints") == [6, 12]
 

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
-from lmpipe import checkpoint
+from lmpipe import checkpoint, trainer
 from lmpipe.gpt import GPT, GPTConfig
 from lmpipe.trainer import (
     Objective,
     Trainer,
     TrainSettings,
+    autocast_dtype,
     configure_optimizer,
     format_progress,
     lr_at,
@@ -131,15 +133,36 @@ def test_optimizer_state_round_trips_through_safetensors_and_json(tmp_path):
             assert torch.equal(v, b["state"][i][k]), (i, k)
 
 
-def test_killed_run_resumes_to_the_identical_loss_curve(tmp_path):
-    full = Trainer(tiny_model(), settings(), tmp_path / "a", progress=False)
+def test_auto_precision_is_bf16_where_the_device_computes_it_natively(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(trainer, "cpu_computes_bf16", lambda: True)
+    assert autocast_dtype(cpu) == torch.bfloat16
+    assert autocast_dtype(cpu, "float32") == torch.float32
+    monkeypatch.setattr(trainer, "cpu_computes_bf16", lambda: False)
+    assert autocast_dtype(cpu) == torch.float32
+    assert autocast_dtype(cpu, "bfloat16") == torch.bfloat16  # asked for by name: given, native or not
+    assert autocast_dtype(torch.device("meta")) == torch.float32
+
+
+def test_cpu_bf16_detection_agrees_with_the_kernel_flags():
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        pytest.skip("no /proc/cpuinfo")
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    assert trainer.cpu_computes_bf16() == bool({"avx512_bf16", "amx_bf16", "amx_tile"} & set(flags))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_killed_run_resumes_to_the_identical_loss_curve(tmp_path, dtype):
+    full = Trainer(tiny_model(), settings(dtype=dtype), tmp_path / "a", progress=False)
     full.fit(RandomTokens(4))
 
-    first = Trainer(tiny_model(), settings(), tmp_path / "b", progress=False)
+    first = Trainer(tiny_model(), settings(dtype=dtype), tmp_path / "b", progress=False)
     with pytest.raises(KeyboardInterrupt):
         first.fit(RandomTokens(4, fail_at=5))  # killed after the step-4 checkpoint, one step into the next
     torch.manual_seed(123)  # a different process state: the checkpoint must restore what matters
-    second = Trainer(tiny_model(seed=7), settings(), tmp_path / "b", progress=False)
+    second = Trainer(tiny_model(seed=7), settings(dtype=dtype), tmp_path / "b", progress=False)
     resumed = RandomTokens(4)
     metrics = second.fit(resumed)
 
@@ -161,9 +184,10 @@ def test_finished_run_resumes_to_its_final_metrics_without_training(tmp_path):
 
 
 def test_gradient_accumulation_matches_one_large_batch(tmp_path):
-    big = Trainer(tiny_model(), settings(max_steps=5, save_every=0), tmp_path / "a", progress=False)
+    exact = dict(max_steps=5, save_every=0, dtype="float32")  # the same sums in float32; bf16 rounds per shape
+    big = Trainer(tiny_model(), settings(**exact), tmp_path / "a", progress=False)
     big.fit(RandomTokens(8, accum=1))
-    small = Trainer(tiny_model(), settings(max_steps=5, save_every=0, grad_accum=8), tmp_path / "b", progress=False)
+    small = Trainer(tiny_model(), settings(**exact, grad_accum=8), tmp_path / "b", progress=False)
     small.fit(RandomTokens(1, accum=8))
     assert small.losses == pytest.approx(big.losses, rel=1e-5)
 
