@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -230,3 +233,30 @@ def test_early_stopping_finishes_with_a_final_eval_and_stays_finished(tmp_path):
     again = StopsAtSecondEval(2, fail_at=2)  # training on would raise
     assert Trainer(tiny_model(), settings(max_steps=10), tmp_path, progress=False).fit(again) == {"probe": 2.0}
     assert again.evaluated == []
+
+
+CACHE_PROBE = """
+import os, resource, sys
+import torch
+import lmpipe.trainer
+torch.set_num_threads(1)
+w = torch.randn(1024, 256)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for n in range(1, 601):  # 600 distinct bf16 matmul shapes, as varying lengths make them
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.nn.functional.linear(torch.randn(n, 256), w)
+grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+print(os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"], os.environ["LRU_CACHE_CAPACITY"], round(grown_mb))
+"""
+
+
+def test_cpu_kernel_caches_are_bounded_unless_the_environment_says_otherwise():
+    env = {k: v for k, v in os.environ.items() if k not in trainer.CPU_KERNEL_CACHES}
+    out = subprocess.run([sys.executable, "-c", CACHE_PROBE], env=env, capture_output=True, text=True, check=True)
+    onednn, ideep, grown_mb = out.stdout.split()
+    assert (onednn, ideep) == ("64", "64")
+    # unbounded, the two caches keep about 0.7 MB per shape: over 400 MB here
+    assert int(grown_mb) < 200, grown_mb
+    env["LRU_CACHE_CAPACITY"] = "7"
+    out = subprocess.run([sys.executable, "-c", CACHE_PROBE], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split()[:2] == ["64", "7"]
