@@ -143,7 +143,8 @@ def test_auto_precision_is_bf16_where_the_device_computes_it_natively(monkeypatc
     assert autocast_dtype(cpu, "float32") == torch.float32
     monkeypatch.setattr(trainer, "cpu_computes_bf16", lambda: False)
     assert autocast_dtype(cpu) == torch.float32
-    assert autocast_dtype(cpu, "bfloat16") == torch.bfloat16  # asked for by name: given, native or not
+    with pytest.warns(RuntimeWarning, match="emulated"):  # asked for by name: given, with a warning
+        assert autocast_dtype(cpu, "bfloat16") == torch.bfloat16
     assert autocast_dtype(torch.device("meta")) == torch.float32
 
 
