@@ -498,7 +498,8 @@ def evaluate(policy: GPT, models: PpoModels, prompts: Sequence[instructions.Inst
     """Greedy answers to held-out prompts: mean raw and normalised reward, grounded overlap, length."""
     messages = [p.messages(with_response=False) for p in prompts]
     answers = answer(policy, models.template, messages, cfg.max_new_tokens, batch_size=cfg.batch_size)
-    raw = torch.as_tensor(models.reward.score(messages, answers), dtype=torch.float32).flatten()
+    # float64, as the bootstrap intervals around these means are computed
+    raw = torch.as_tensor(models.reward.score(messages, answers), dtype=torch.float64).flatten()
     overlap = grounded.mean_overlap(answers, [p.response for p in prompts])
     metrics = {"heldout_reward_raw": float(raw.mean()), "heldout_reward": float(normalise(raw, models.reward).mean()),
                "heldout_token_f1": overlap["token_f1"], "heldout_rouge_l": overlap["rouge_l"],

@@ -237,7 +237,7 @@ def test_early_stopping_finishes_with_a_final_eval_and_stays_finished(tmp_path):
 
 
 CACHE_PROBE = """
-import os, resource, sys
+import os, resource
 import torch
 import lmpipe.trainer
 torch.set_num_threads(1)
