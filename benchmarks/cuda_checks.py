@@ -1,6 +1,6 @@
 """Correctness checks of the CUDA code paths, for a machine with an NVIDIA GPU (the test suite runs on CPU).
 
-    python benchmarks/cuda_checks.py
+    python benchmarks/cuda_checks.py [GROUP ...]    # groups: gpt, loss, ppo, trainer, word2vec (default: all)
 
 Each check prints one line, ``ok`` or ``FAIL`` with the numbers it compared; the exit status is the count
 of failures. What is checked:
@@ -206,8 +206,9 @@ def word2vec_checks() -> None:
     sentences = [list(rng.choice(topics[rng.integers(6)], 8)) for _ in range(3000)]
     for variant in ("sg-ns", "sg-hs", "cbow-ns", "cbow-hs"):
         s = w2v.Word2VecSettings(sg=variant.startswith("sg"), hs=variant.endswith("hs"), dim=12, window=3,
-                                 epochs=5, min_count=1, sample=0.0, seed=3, device=DEV, batch_pairs=2048)
-        planted_topics(sentences, topics, s, "cuda")
+                                 epochs=5, min_count=1, sample=0.0, seed=3, device=DEV, batch_pairs=2048,
+                                 engine="torch")  # the batched engine (auto picks the triton one on CUDA)
+        planted_topics(sentences, topics, s, f"torch on {DEV}")
     if DEV != "cuda":
         return
     try:
@@ -252,6 +253,12 @@ def main() -> int:
     print(f"{name} | torch {torch.__version__} | bf16 {torch.cuda.is_bf16_supported()} | "
           f"flash sdp {torch.backends.cuda.flash_sdp_enabled()}", flush=True)
     groups: list[Callable[[], None]] = [gpt_checks, loss_checks, ppo_checks, trainer_checks, word2vec_checks]
+    if chosen := [a for a in sys.argv[1:] if not a.startswith("--")]:  # e.g. `cuda_checks.py word2vec ppo`
+        known = {g.__name__.removesuffix("_checks"): g for g in groups}
+        if unknown := sorted(set(chosen) - set(known)):
+            print(f"cuda_checks: unknown group {', '.join(unknown)} (groups: {', '.join(known)})")
+            return 1
+        groups = [known[name] for name in chosen]
     for group in groups:
         try:
             group()

@@ -34,7 +34,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--variant", choices=("sg-ns", "sg-hs", "cbow-ns", "cbow-hs"), default="sg-ns")
     p.add_argument("--engines", nargs="+", choices=("triton", "torch"), default=["triton", "torch"])
-    p.add_argument("--streams", type=int, nargs="+", default=[16_384], help="triton: programs side by side")
+    p.add_argument("--streams", type=int, nargs="+", default=[2_048], help="triton: programs side by side")
     p.add_argument("--batch-pairs", type=int, nargs="+", default=[1 << 15], help="torch: examples per step")
     p.add_argument("--row-caps", type=int, nargs="+", default=[64], help="torch: gpu_row_cap values (each with "
                    "every batch)")

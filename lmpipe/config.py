@@ -210,12 +210,13 @@ class EmbeddingsConfig:
     w2v_streams: int = knob(
         0, "Hogwild word2vec: the train split is cut into this many parts, trained side by side (0: one per CPU "
         "thread, as word2vec.c and gensim give each thread its own part of the input; with the "
-        "triton GPU engine 16,384 programs, or one per 1,000 words of a smaller corpus)."
+        "triton GPU engine 2,048 programs, or one per 1,000 words of a smaller corpus)."
     )
     w2v_device: Literal["auto", "cpu", "cuda"] = knob("auto", "word2vec device; auto picks CUDA when available.")
-    w2v_gpu_engine: Literal["torch", "triton"] = knob(
-        "torch", "word2vec on a GPU: torch (batched steps whose updates are summed, capped per row) or triton (a "
-        "Hogwild kernel that applies each example in turn, as the CPU threads do; needs the triton package)."
+    w2v_gpu_engine: Literal["auto", "torch", "triton"] = knob(
+        "auto", "word2vec on a GPU: triton (a Hogwild kernel that applies each example in turn, as the CPU threads "
+        "do; needs the triton package, which PyTorch's CUDA builds bring), torch (batched steps whose updates are "
+        "summed, capped per row) or auto (triton where it is installed, else torch)."
     )
     w2v_batch_pairs: int = knob(
         1 << 15, "Training examples per step on the GPU path (larger is faster but trains worse vectors)."

@@ -7,6 +7,15 @@ word by word and applies each example's update at once, reading the weights the 
 of programs run side by side, each in its own part of the corpus (``streams`` parts, as the CPU engine's threads),
 and update the shared matrices without locks (Hogwild, Recht et al. 2011).
 
+Hogwild needs each read of a shared row to see the other programs' recent writes. A GPU's per-multiprocessor L1
+cache is not coherent with the others, and plain global loads may be served from it, so a program could work on
+its own stale copy of a frequent word's row for a whole launch and then overwrite everyone else's updates with it.
+The rows of both matrices are therefore read through L2 only (``cache_modifier=".cg"``). On an H100 without it the
+vectors reached 0.13-0.15 analogy accuracy instead of 0.26-0.27 (``benchmarks/RESULTS.md``). And with thousands
+of programs at once, two often update the same frequent row together; a program adds its change to the row
+(a relaxed atomic add, done in L2) instead of writing back the row it read plus its change, so neither update is
+lost. That also ran faster on an H100 (26-30M words/s against 21-24M) with vectors as good.
+
 The rules are the numba kernel's (:func:`lmpipe.word2vec._train_chunks`): the same random number generator and
 draws (window, negatives), pair order, learning-rate schedule and losses; subsampling is done per epoch on the
 device before the kernel runs. On a CPU tensor the kernel runs in Triton's interpreter: slow, but it makes the
@@ -27,7 +36,9 @@ from lmpipe import word2vec
 
 LCG_MUL = tl.constexpr(25214903917)  # word2vec.c's linear congruential generator, as in the numba kernel
 LCG_ADD = tl.constexpr(11)
-DEFAULT_STREAMS = 16_384  # programs per launch on a GPU: parts of the corpus trained side by side...
+# programs per launch on a GPU: parts of the corpus trained side by side (on an H100, 2,048 trained fastest of
+# 2,048 to 65,536, with vectors as good)...
+DEFAULT_STREAMS = 2_048
 MIN_PART_WORDS = 1_000  # ...but fewer on a small corpus, where thousands of programs would update the same rows
 LAUNCHES_PER_EPOCH = 8  # each part is cut into chunks so that an epoch takes about this many launches
 
@@ -39,6 +50,7 @@ def _sgns_kernel(kids, kstarts, starts, first, end, before, table, syn0, syn1, c
     """Program ``pid`` trains sentences ``first[pid]`` to ``end[pid] - 1`` (ids ``kids[kstarts[s]:kstarts[s+1]]``,
     already subsampled); ``before[pid]`` counts the words trained before them, which sets the learning rate.
     Writes (loss sum, examples, words) to ``out[pid]``."""
+    # rows of syn0 and syn1 are read through L2 (.cg) and changed by atomic adds: see the module's docstring
     pid = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < DIM
@@ -76,14 +88,14 @@ def _sgns_kernel(kids, kstarts, starts, first, end, before, table, syn0, syn1, c
                     c = lo + e
                     c = tl.where(c >= i, c + 1, c)
                     src = tl.load(kids + a + c).to(tl.int64)
-                    h = tl.load(syn0 + src * DIM + offs, mask=mask, other=0.0)
+                    h = tl.load(syn0 + src * DIM + offs, mask=mask, other=0.0, cache_modifier=".cg")
                     scale = 1.0
                 else:
                     h = tl.full([BLOCK], 0.0, tl.float32)
                     for c in range(lo, hi):
                         if c != i:
                             row = tl.load(kids + a + c).to(tl.int64)
-                            h += tl.load(syn0 + row * DIM + offs, mask=mask, other=0.0)
+                            h += tl.load(syn0 + row * DIM + offs, mask=mask, other=0.0, cache_modifier=".cg")
                     scale = 1.0
                     if CBOW_MEAN:
                         scale = 1.0 / (hi - lo - 1).to(tl.float32)
@@ -93,7 +105,7 @@ def _sgns_kernel(kids, kstarts, starts, first, end, before, table, syn0, syn1, c
                     for d in range(0, tl.load(lengths + target)):
                         node = tl.load(points + target * MAX_CODE + d).to(tl.int64)
                         label = 1.0 - tl.load(codes + target * MAX_CODE + d).to(tl.float32)
-                        u = tl.load(syn1 + node * DIM + offs, mask=mask, other=0.0)
+                        u = tl.load(syn1 + node * DIM + offs, mask=mask, other=0.0, cache_modifier=".cg")
                         f = tl.sum(h * u, axis=0)
                         ex = tl.exp(-tl.abs(f))
                         sig = tl.where(f >= 0, 1.0 / (1.0 + ex), ex / (1.0 + ex))
@@ -101,7 +113,7 @@ def _sgns_kernel(kids, kstarts, starts, first, end, before, table, syn0, syn1, c
                         loss += tl.maximum(-signed, 0.0) + tl.log(1.0 + ex)
                         g = alpha * (label - sig)
                         grad += g * u
-                        tl.store(syn1 + node * DIM + offs, u + g * h, mask=mask)
+                        tl.atomic_add(syn1 + node * DIM + offs, g * h, mask=mask, sem="relaxed")
                 else:
                     for d in range(0, NEG + 1):
                         word = target
@@ -110,7 +122,7 @@ def _sgns_kernel(kids, kstarts, starts, first, end, before, table, syn0, syn1, c
                             word = tl.load(table + ((state >> 16) % n_table).to(tl.int64)).to(tl.int64)
                         label = tl.where(d > 0, 0.0, 1.0)
                         if (d == 0) | (word != target):  # a draw of the target itself is skipped
-                            u = tl.load(syn1 + word * DIM + offs, mask=mask, other=0.0)
+                            u = tl.load(syn1 + word * DIM + offs, mask=mask, other=0.0, cache_modifier=".cg")
                             f = tl.sum(h * u, axis=0)
                             ex = tl.exp(-tl.abs(f))
                             sig = tl.where(f >= 0, 1.0 / (1.0 + ex), ex / (1.0 + ex))
@@ -118,16 +130,15 @@ def _sgns_kernel(kids, kstarts, starts, first, end, before, table, syn0, syn1, c
                             loss += tl.maximum(-signed, 0.0) + tl.log(1.0 + ex)
                             g = alpha * (label - sig)
                             grad += g * u
-                            tl.store(syn1 + word * DIM + offs, u + g * h, mask=mask)
+                            tl.atomic_add(syn1 + word * DIM + offs, g * h, mask=mask, sem="relaxed")
                 examples += 1
                 if SG:
-                    tl.store(syn0 + src * DIM + offs, h + grad, mask=mask)
+                    tl.atomic_add(syn0 + src * DIM + offs, grad, mask=mask, sem="relaxed")
                 else:
                     for c in range(lo, hi):  # dLoss/d v_c = scale · dLoss/dh (gensim's cbow_mean rule)
                         if c != i:
                             row = tl.load(kids + a + c).to(tl.int64)
-                            v = tl.load(syn0 + row * DIM + offs, mask=mask, other=0.0)
-                            tl.store(syn0 + row * DIM + offs, v + scale * grad, mask=mask)
+                            tl.atomic_add(syn0 + row * DIM + offs, scale * grad, mask=mask, sem="relaxed")
     tl.store(out + pid * 3, loss)
     tl.store(out + pid * 3 + 1, examples.to(tl.float32))
     tl.store(out + pid * 3 + 2, words.to(tl.float32))

@@ -6,6 +6,7 @@ triton first (PyTorch's compiler looks for it), so the checks run in a fresh int
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -166,3 +167,28 @@ def test_kernel_compiles_for_a_cuda_gpu(triton, sg: bool, hs: bool) -> None:
     options = {"num_warps": 1, "enable_fp_fusion": True}
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     assert len(compiled.asm["cubin"]) > 1000
+    # Hogwild across multiprocessors: the masked loads are the rows of syn0 and syn1, which other programs change;
+    # each must read through L2 (.cg), never a multiprocessor's own possibly stale L1 copy, and each change must be
+    # an atomic add, never a write of the row as read plus the change (which loses a concurrent program's update)
+    ptx = [line.strip() for line in compiled.asm["ptx"].splitlines()]
+    row_loads = [line for line in ptx if line.startswith("@%p") and " ld.global" in line]
+    assert len(row_loads) >= 2
+    assert all(" ld.global.cg." in line for line in row_loads), row_loads
+    assert sum("atom.global.gpu.relaxed.add.f32" in line for line in ptx) >= 2
+    assert sum("st.global" in line for line in ptx) == 3  # the program's three sums (loss, examples, words) only
+
+
+def test_auto_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """auto: numba on the CPU, the triton kernel on CUDA where triton is installed, the batched engine elsewhere."""
+    settings = w2v.Word2VecSettings()
+    assert w2v.resolve_engine(settings) == "numba"
+    assert w2v.resolve_engine(dataclasses.replace(settings, engine="torch")) == "torch"
+    monkeypatch.setitem(sys.modules, "triton", None)  # as where triton is not installed
+    assert w2v.resolve_engine(dataclasses.replace(settings, device="cuda")) == "torch"
+    assert w2v.resolve_engine(dataclasses.replace(settings, device="cuda", engine="triton")) == "triton"
+    monkeypatch.undo()
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "triton" else None)
+    assert w2v.resolve_engine(dataclasses.replace(settings, device="cuda:1")) == "triton"
+    assert w2v.resolve_engine(dataclasses.replace(settings, device="mps")) == "torch"
