@@ -11,16 +11,14 @@
 # Each phase writes its log (and the word2vec JSON) to $OUT, or to ./gpu-out when OUT is unset.
 #
 # What the machine may lack, carried in benchmarks/data/ (ignored by git):
-#   numba-py312.tar.xz  numba and llvmlite unpacked for the machine's Python (the word2vec CPU kernels, which
-#                       the checks and the w2v phase compare against), made here with
-#                         pip download numba --python-version 3.12 --only-binary=:all: \
-#                             --platform manylinux_2_28_x86_64 -d wh
-#                         (cd x && for w in ../wh/numba-*.whl ../wh/llvmlite-*.whl; do unzip -qo $w; done)
-#                         tar cJf benchmarks/data/numba-py312.tar.xz -C x numba llvmlite
-#   corpus_en_large.train.txt.xz, eval/  the w2v phase's corpus and gensim's evaluation files
-# The two together are larger than one command may carry: carry the numba archive for `checks`, then the corpus
-# for `w2v` while the machine is still warm (it keeps /tmp/pydeps), or the numba archive alone for a `w2v`
-# run with a shorter corpus.
+#   wheels/    Python packages that lmpipe imports and the machine's image lacks (on the H100 image of 2026-11:
+#              duckdb and zstandard; numba, torch and triton are there), for its Python (3.12), made here with
+#                pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#                    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+#                    -d benchmarks/data/wheels duckdb==2.0.0 zstandard==0.25.0
+#              (about 30 MB); installed into /tmp/pydeps on first use
+#   corpus_en_large.train.txt.xz, eval/  the w2v phase's corpus (xz -6: 26 MB) and gensim's evaluation files
+# Together with the repository these stay under the 64 MiB that one command may carry.
 set -uo pipefail
 
 phase=${1:?usage: bash benchmarks/gpu_session.sh checks|gpt|gpt-eager|sft|w2v|ppo}
@@ -30,11 +28,11 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 data=$here/benchmarks/data
 py=${PYTHON:-python3}
 
-if ! "$py" -c "import numba" 2>/dev/null; then
-  if [ ! -d /tmp/pydeps/numba ] && [ -f "$data/numba-py312.tar.xz" ]; then
-    mkdir -p /tmp/pydeps && tar xJf "$data/numba-py312.tar.xz" -C /tmp/pydeps
+if ! "$py" -c "import duckdb, zstandard, numba" 2>/dev/null; then
+  if [ ! -d /tmp/pydeps ] && compgen -G "$data/wheels/*.whl" >/dev/null; then
+    "$py" -m pip install -q --no-index --no-deps --no-compile --target /tmp/pydeps "$data"/wheels/*.whl || exit 2
   fi
-  [ -d /tmp/pydeps/numba ] && export PYTHONPATH=/tmp/pydeps${PYTHONPATH:+:$PYTHONPATH}
+  [ -d /tmp/pydeps ] && export PYTHONPATH=/tmp/pydeps${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$here${PYTHONPATH:+:$PYTHONPATH}
 cd "$here" || exit 1
@@ -56,8 +54,8 @@ case $phase in
     corpus=$data/corpus_en_large.train.txt
     if [ ! -f "$corpus" ] && [ -f "$corpus.xz" ]; then xz -dk "$corpus.xz"; fi
     [ -f "$corpus" ] || { echo "gpu_session: $corpus(.xz) is missing" >&2; exit 2; }
-    "$py" benchmarks/word2vec_gpu_bench.py "$corpus" --eval-dir "$data/eval" --epochs 3 --engines triton torch \
-      --streams 4096 16384 65536 --json "$out/word2vec_gpu_bench.json" ;;
+    "$py" benchmarks/word2vec_gpu_bench.py "$corpus" --eval-dir "$data/eval" --epochs 5 --engines triton torch \
+      --streams 2048 4096 16384 --json "$out/word2vec_gpu_bench.json" ;;
   ppo)  # rollout sampling (eager vs CUDA graph), then full logits vs the fused head: time and peak memory
     "$py" benchmarks/ppo_rollout_bench.py cuda && \
       "$py" benchmarks/ppo_head_bench.py --shape gpt2 --device cuda --chunks 0,1024,4096 --rounds 2 ;;
