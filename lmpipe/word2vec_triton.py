@@ -37,7 +37,7 @@ from lmpipe import word2vec
 LCG_MUL = tl.constexpr(25214903917)  # word2vec.c's linear congruential generator, as in the numba kernel
 LCG_ADD = tl.constexpr(11)
 # programs per launch on a GPU: parts of the corpus trained side by side (on an H100, 2,048 trained fastest of
-# 2,048 to 65,536, with vectors as good)...
+# 512 to 65,536, with vectors as good)...
 DEFAULT_STREAMS = 2_048
 MIN_PART_WORDS = 1_000  # ...but fewer on a small corpus, where thousands of programs would update the same rows
 LAUNCHES_PER_EPOCH = 8  # each part is cut into chunks so that an epoch takes about this many launches

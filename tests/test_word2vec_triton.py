@@ -7,6 +7,7 @@ triton first (PyTorch's compiler looks for it), so the checks run in a fresh int
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import subprocess
@@ -187,8 +188,6 @@ def test_auto_engine(monkeypatch: pytest.MonkeyPatch) -> None:
     assert w2v.resolve_engine(dataclasses.replace(settings, device="cuda")) == "torch"
     assert w2v.resolve_engine(dataclasses.replace(settings, device="cuda", engine="triton")) == "triton"
     monkeypatch.undo()
-    import importlib.util
-
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "triton" else None)
     assert w2v.resolve_engine(dataclasses.replace(settings, device="cuda:1")) == "triton"
     assert w2v.resolve_engine(dataclasses.replace(settings, device="mps")) == "torch"
