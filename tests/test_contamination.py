@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import write_jsonl
 
 from lmpipe import contamination, warehouse
 from lmpipe import instructions as ins
@@ -34,11 +35,6 @@ LIGHTHOUSE = ("Echo: an old lighthouse keeper painted every window blue during t
 
 def write_lines(path: Path, lines: list[str]) -> Path:
     path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    return path
-
-
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     return path
 
 

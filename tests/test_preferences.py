@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import write_jsonl
 
 from lmpipe import preferences as prefs
 from lmpipe import warehouse
@@ -18,11 +18,6 @@ from lmpipe.corpus import split_of, text_hash
 from lmpipe.sources import IngestError
 
 CFG = IngestConfig(val_fraction=0.3, test_fraction=0.3)
-
-
-def write_jsonl(path: Path, records: list) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records), encoding="utf-8")
-    return path
 
 
 def table_rows(ws) -> list[tuple]:
