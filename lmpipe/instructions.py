@@ -39,10 +39,10 @@ import duckdb
 import pyarrow as pa
 
 from lmpipe import sources
-from lmpipe.chat import ROLES, Message, check_turns, conversation
+from lmpipe.chat import Message, check_turns, conversation
 from lmpipe.config import IngestConfig
 from lmpipe.corpus import split_of, text_hash
-from lmpipe.records import FileReport, RecordTable, context_columns, history_messages
+from lmpipe.records import FileReport, RecordTable, context_columns, history_messages, parse_messages, text_field
 from lmpipe.sources import Source
 from lmpipe.workspace import Workspace
 
@@ -106,28 +106,10 @@ connect = TABLE.connect
 # parsing records
 
 
-def _text(record: dict, key: str, where: str) -> str:
-    value = record.get(key)
-    if value is None:
-        raise ValueError(f"{where}missing field {key!r} (fields: {', '.join(map(str, record)) or 'none'})")
-    if not isinstance(value, str):
-        raise ValueError(f"{where}field {key!r} must be a string, got {type(value).__name__}")
-    if not value.strip():
-        raise ValueError(f"{where}field {key!r} is empty")
-    return value.strip()
-
-
 def _messages_record(items: Any, line: int, split: str | None) -> Record:
     if not isinstance(items, (list, tuple)) or not items:
         raise ValueError("field 'messages' must be a non-empty list of {role, content} objects")
-    messages = []
-    for i, item in enumerate(items, start=1):
-        if not isinstance(item, dict):
-            raise ValueError(f"message {i} must be an object with role and content, got {type(item).__name__}")
-        role = _text(item, "role", f"message {i}: ")
-        if role not in ROLES:
-            raise ValueError(f"message {i} has unknown role {role!r}; roles: {', '.join(ROLES)}")
-        messages.append(Message(role, _text(item, "content", f"message {i}: ")))
+    messages = parse_messages(items)
     check_turns(messages)
     system = messages[0].content if messages[0].role == "system" else None
     turns = messages[1:] if system is not None else messages
@@ -144,15 +126,15 @@ def parse_record(record: Any, line: int) -> Record:
     if "messages" in record:
         return _messages_record(record["messages"], line, split)
     if "instruction" in record or "output" in record:
-        prompt = _text(record, "instruction", "")
+        prompt = text_field(record, "instruction")
         extra = record.get("input")
         if extra is not None and not isinstance(extra, str):
             raise ValueError(f"field 'input' must be a string, got {type(extra).__name__}")
         if extra and extra.strip():  # Alpaca leaves "input" empty for self-contained instructions
             prompt = f"{prompt}\n\n{extra.strip()}"
-        return Record(line, prompt, _text(record, "output", ""), split=split)
+        return Record(line, prompt, text_field(record, "output"), split=split)
     if "prompt" in record or "response" in record:
-        return Record(line, _text(record, "prompt", ""), _text(record, "response", ""), split=split)
+        return Record(line, text_field(record, "prompt"), text_field(record, "response"), split=split)
     keys = ", ".join(map(str, record)) or "none"
     raise ValueError(f"expected instruction/input/output, prompt/response or messages fields, got: {keys}")
 

@@ -51,11 +51,11 @@ from typing import Any
 import pyarrow as pa
 
 from lmpipe import grounded, sources
-from lmpipe.chat import ROLES, Message, check_turns
+from lmpipe.chat import Message, check_turns
 from lmpipe.config import IngestConfig
 from lmpipe.corpus import split_of, text_hash
 from lmpipe.instructions import phrasings, summary
-from lmpipe.records import FileReport, RecordTable, context_columns, history_messages
+from lmpipe.records import FileReport, RecordTable, context_columns, history_messages, parse_messages, text_field
 from lmpipe.sources import Source
 from lmpipe.workspace import Workspace
 
@@ -123,17 +123,6 @@ connect = TABLE.connect
 # parsing records
 
 
-def _text(record: dict, key: str, where: str = "") -> str:
-    value = record.get(key)
-    if value is None:
-        raise ValueError(f"{where}missing field {key!r} (fields: {', '.join(map(str, record)) or 'none'})")
-    if not isinstance(value, str):
-        raise ValueError(f"{where}field {key!r} must be a string, got {type(value).__name__}")
-    if not value.strip():
-        raise ValueError(f"{where}field {key!r} is empty")
-    return value.strip()
-
-
 _TURN = re.compile(r"(?:^|\n\n)(Human|Assistant|System):[ \t]?")
 _SPEAKERS = {"Human": "user", "Assistant": "assistant", "System": "system"}
 
@@ -146,7 +135,7 @@ def dialogue_messages(value: Any, key: str, plain_role: str = "assistant") -> li
     """Messages from a ``{role, content}`` list, a ``"Human: ... Assistant: ..."`` string, or a plain string
     (one message of ``plain_role``); roles and contents are checked, the order of turns is not."""
     if isinstance(value, str) and not _is_dialogue(value):
-        return [Message(plain_role, _text({key: value}, key))]
+        return [Message(plain_role, text_field({key: value}, key))]
     if isinstance(value, str):
         parts = _TURN.split(value.strip())
         if parts[0].strip() or len(parts) < 3:
@@ -156,15 +145,7 @@ def dialogue_messages(value: Any, key: str, plain_role: str = "assistant") -> li
         items = list(value)
     else:
         raise ValueError(f"field {key!r} must be a string or a non-empty list of {{role, content}} messages")
-    messages = []
-    for i, item in enumerate(items, start=1):
-        if not isinstance(item, dict):
-            raise ValueError(f"field {key!r}: message {i} must be an object with role and content")
-        role = _text(item, "role", f"field {key!r}: message {i}: ")
-        if role not in ROLES:
-            raise ValueError(f"field {key!r}: message {i} has unknown role {role!r}; roles: {', '.join(ROLES)}")
-        messages.append(Message(role, _text(item, "content", f"field {key!r}: message {i}: ")))
-    return messages
+    return parse_messages(items, f"field {key!r}: ")
 
 
 def _dialogues(record: dict) -> tuple[list[Message], list[Message]]:
@@ -205,8 +186,8 @@ def parse_record(record: Any, line: int) -> Pair:
     if "chosen" not in record or "rejected" not in record:
         raise ValueError(f"expected prompt/chosen/rejected fields, got: {', '.join(map(str, record)) or 'none'}")
     if not any(_is_dialogue(record[k]) for k in ("chosen", "rejected")):
-        prompt, context = _text(record, "prompt"), []
-        chosen, rejected = _text(record, "chosen"), _text(record, "rejected")
+        prompt, context = text_field(record, "prompt"), []
+        chosen, rejected = text_field(record, "chosen"), text_field(record, "rejected")
     else:
         context, chosen, rejected = split_dialogues(*_dialogues(record))
         prompt, context = context[-1].content, context[:-1]

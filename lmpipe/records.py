@@ -22,7 +22,7 @@ import duckdb
 import pyarrow as pa
 
 from lmpipe import warehouse
-from lmpipe.chat import Message
+from lmpipe.chat import ROLES, Message
 from lmpipe.sources import Source, resolve_sources, source_digest
 from lmpipe.workspace import Workspace
 
@@ -176,6 +176,32 @@ def context_columns(source: str, rows: Sequence[Any]) -> dict[str, pa.Array]:
         "system": pa.array([r.system for r in rows], pa.string()),
         "history": pa.array(history, pa.string()),
     }
+
+
+def text_field(record: dict, key: str, where: str = "") -> str:
+    """``record[key]`` stripped; a ValueError, prefixed by ``where``, if it is missing, not a string or empty."""
+    value = record.get(key)
+    if value is None:
+        raise ValueError(f"{where}missing field {key!r} (fields: {', '.join(map(str, record)) or 'none'})")
+    if not isinstance(value, str):
+        raise ValueError(f"{where}field {key!r} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise ValueError(f"{where}field {key!r} is empty")
+    return value.strip()
+
+
+def parse_messages(items: Sequence[Any], where: str = "") -> list[Message]:
+    """Chat messages from a list of ``{role, content}`` objects; a ValueError, prefixed by ``where``, names the
+    first message that is not one or whose role is unknown."""
+    messages = []
+    for i, item in enumerate(items, start=1):
+        if not isinstance(item, dict):
+            raise ValueError(f"{where}message {i} must be an object with role and content, got {type(item).__name__}")
+        role = text_field(item, "role", f"{where}message {i}: ")
+        if role not in ROLES:
+            raise ValueError(f"{where}message {i} has unknown role {role!r}; roles: {', '.join(ROLES)}")
+        messages.append(Message(role, text_field(item, "content", f"{where}message {i}: ")))
+    return messages
 
 
 def history_messages(history: str | None) -> tuple[Message, ...]:
