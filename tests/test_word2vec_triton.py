@@ -10,6 +10,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -175,7 +176,8 @@ def test_kernel_compiles_for_a_cuda_gpu(triton, sg: bool, hs: bool) -> None:
     row_loads = [line for line in ptx if line.startswith("@%p") and " ld.global" in line]
     assert len(row_loads) >= 2
     assert all(" ld.global.cg." in line for line in row_loads), row_loads
-    assert sum("atom.global.gpu.relaxed.add.f32" in line for line in ptx) >= 2
+    # (Triton 3.8 writes atom.global...; 3.9 red.global..., the same add without a returned value)
+    assert sum(bool(re.search(r"\b(atom|red)\.global\.gpu\.relaxed\.add\.f32\b", line)) for line in ptx) >= 2
     assert sum("st.global" in line for line in ptx) == 3  # the program's three sums (loss, examples, words) only
 
 
